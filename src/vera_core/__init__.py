@@ -1,0 +1,62 @@
+"""vera-core: VeRA and DVoRA written once against the Python Array API standard.
+
+The core is functional and stateless; it imports no array library itself and works
+on whatever arrays it is given (NumPy, PyTorch, CuPy, JAX, array-api-strict, ...).
+
+Examples
+--------
+>>> import numpy as np
+>>> import vera_core as vc
+>>> A, B = vc.generate_projections(seed=0, r=4, max_in=8, max_out=6, xp=np)
+>>> x = np.ones((2, 8), dtype=np.float32)
+>>> y, u = vc.vera_forward(x, A, B, np.full(4, 0.1, np.float32), np.zeros(6, np.float32))
+>>> y.shape
+(2, 6)
+"""
+
+from vera_core.dvora import (
+    DvoraFrozen,
+    DvoraGrads,
+    DvoraSaved,
+    dense_norm,
+    dvora_backward,
+    dvora_forward,
+    dvora_merge,
+    dvora_norm,
+    dvora_precompute,
+    dvora_unmerge,
+    initial_magnitude,
+)
+from vera_core.linear import linear, linear_input_grad
+from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections, kaiming_bound, kaiming_uniform
+from vera_core.vera import VeraGrads, delta_weight, merge, unmerge, vera_backward, vera_forward
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "PRNG_ID",
+    "PRNG_VERSION",
+    "DvoraFrozen",
+    "DvoraGrads",
+    "DvoraSaved",
+    "VeraGrads",
+    "__version__",
+    "delta_weight",
+    "dense_norm",
+    "dvora_backward",
+    "dvora_forward",
+    "dvora_merge",
+    "dvora_norm",
+    "dvora_precompute",
+    "dvora_unmerge",
+    "generate_projections",
+    "initial_magnitude",
+    "kaiming_bound",
+    "kaiming_uniform",
+    "linear",
+    "linear_input_grad",
+    "merge",
+    "unmerge",
+    "vera_backward",
+    "vera_forward",
+]

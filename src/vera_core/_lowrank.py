@@ -1,0 +1,83 @@
+"""Pieces shared by VeRA and DVoRA: layer slices, the folded matrix, vector gradients.
+
+Everything is written in terms of the folded matrix ``C = diag(lambda_b) B_s diag(lambda_d)``
+(out x r), so that ``delta W = C A_s`` and the adapter output is ``(x A_s^T) C^T``: the
+vectors are applied to the small matrix instead of to the (tokens x out) activations.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from vera_core._validation import AdapterShape
+
+
+def layer_slices(A: Any, B: Any, shape: AdapterShape) -> tuple[Any, Any]:
+    """``A[:r, :in]`` and ``B[:out, :r]``: the parts of the shared matrices one layer uses."""
+    return A[: shape.rank, : shape.in_features], B[: shape.out_features, : shape.rank]
+
+
+def cast(xp: Any, array: Any, dtype: Any) -> Any:
+    """``array`` as ``dtype``, without a copy when it already is."""
+    return array if array.dtype == dtype else xp.astype(array, dtype)
+
+
+def fold(xp: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -> Any:
+    """``C = diag(lambda_b) B_s diag(lambda_d)`` (out x r), in the vectors' dtype."""
+    return lambda_b[:, None] * cast(xp, B_s, lambda_d.dtype) * lambda_d[None, :]
+
+
+def project(xp: Any, x: Any, A_s: Any, dropout_mask: Any) -> Any:
+    """``u = (x * mask) A_s^T`` (..., r) in the dtype of ``x``."""
+    if dropout_mask is not None:
+        x = x * dropout_mask
+    return xp.matmul(x, cast(xp, A_s, x.dtype).T)
+
+
+def flatten_tokens(xp: Any, array: Any) -> Any:
+    """Collapse the leading dimensions: (..., f) -> (tokens, f)."""
+    return xp.reshape(array, (-1, array.shape[-1]))
+
+
+def token_gram(xp: Any, grad: Any, u: Any, dtype: Any) -> Any:
+    """``grad^T u`` summed over every token (out x r), returned in ``dtype``."""
+    total = xp.matmul(flatten_tokens(xp, grad).T, flatten_tokens(xp, u))
+    return cast(xp, total, dtype)
+
+
+def vector_grads(xp: Any, grad_C: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -> tuple[Any, Any]:
+    """Chain ``dL/dC`` to ``(dL/dlambda_d, dL/dlambda_b)`` through ``C = diag(b) B diag(d)``."""
+    weighted = grad_C * cast(xp, B_s, grad_C.dtype)
+    grad_d = xp.sum(weighted * lambda_b[:, None], axis=0)
+    grad_b = xp.sum(weighted * lambda_d[None, :], axis=1)
+    return grad_d, grad_b
+
+
+def input_grad(xp: Any, grad: Any, C: Any, A_s: Any, dropout_mask: Any) -> Any:
+    """``dL/dx`` of the adapter term: ``((grad C) A_s) * mask``."""
+    grad_u = xp.matmul(grad, cast(xp, C, grad.dtype))
+    grad_x = xp.matmul(grad_u, cast(xp, A_s, grad.dtype))
+    return grad_x if dropout_mask is None else grad_x * dropout_mask
+
+
+def delta_weight_matrix(xp: Any, C: Any, A_s: Any, fan_in_fan_out: bool) -> Any:
+    """``C A_s`` (out x in), transposed to (in x out) for ``fan_in_fan_out`` layouts."""
+    delta = xp.matmul(C, cast(xp, A_s, C.dtype))
+    return delta.T if fan_in_fan_out else delta
+
+
+def weight_shape(weight: Any, fan_in_fan_out: bool) -> tuple[int, int]:
+    """``(out_features, in_features)`` of a weight stored (out, in) or (in, out)."""
+    if weight.ndim != 2:
+        raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+    rows, cols = weight.shape
+    return (cols, rows) if fan_in_fan_out else (rows, cols)
+
+
+def wider(xp: Any, *dtypes: Any) -> Any:
+    """The widest of the given floating dtypes, at least float32 (for accumulation)."""
+    widest = xp.float32
+    for dtype in dtypes:
+        if int(xp.finfo(dtype).bits) > int(xp.finfo(widest).bits):
+            widest = dtype
+    return widest

@@ -1,0 +1,455 @@
+"""DVoRA: DoRA's magnitude/direction split with VeRA's delta weight.
+
+``W' = m * (W0 + dW) / n`` with ``n_i = ||W0_i + dW_i||`` over each output row, so
+``y = (m / n) * (x W0^T + x dW^T) + bias``. With ``C = diag(lambda_b) B_s diag(lambda_d)``
+(out x r) and ``dW = C A_s``, the squared norms need no (out x in) matrix per step:
+
+``n_i^2 = ||W0_i||^2 + 2 (W0 A_s^T)_i . C_i + C_i (A_s A_s^T) C_i^T``
+
+with ``||W0_i||^2``, ``W0 A_s^T`` (out x r) and ``A_s A_s^T`` (r x r) computed once per
+layer by :func:`dvora_precompute` (in float32 or wider): O(out r^2) per step.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from array_api_compat import array_namespace
+
+from vera_core import _lowrank as lr
+from vera_core._validation import (
+    check_activations,
+    check_adapter,
+    check_finite,
+    check_ndim,
+    check_positive_int,
+    check_real_float_dtype,
+    check_same_shape,
+)
+
+
+class DvoraFrozen(NamedTuple):
+    """What a DVoRA layer precomputes from its frozen weight (see :func:`dvora_precompute`)."""
+
+    weight_sq_norm: Any
+    """``||W0_i||^2`` for each output row, shape (out,)."""
+    weight_proj: Any
+    """``W0 A_s^T``, shape (out, r)."""
+    gram: Any
+    """``A_s A_s^T``, shape (r, r)."""
+
+
+class DvoraSaved(NamedTuple):
+    """What :func:`dvora_forward` keeps for :func:`dvora_backward`."""
+
+    u: Any
+    """``(x * mask) A_s^T``, shape (..., r)."""
+    z: Any
+    """``x W0^T + x dW^T`` before scaling and bias, shape (..., out)."""
+    norm: Any
+    """``n = ||W0 + dW||`` per output row, shape (out,)."""
+
+
+class DvoraGrads(NamedTuple):
+    """Gradients of a DVoRA layer."""
+
+    x: Any
+    """``dL/dx`` through the adapter path only (None when not asked for)."""
+    base: Any
+    """``dL/d(x W0^T)``: push it through the frozen layer for its share of ``dL/dx``."""
+    magnitude: Any
+    lambda_d: Any
+    lambda_b: Any
+    bias: Any
+    """``dL/dbias`` (None when no bias was given)."""
+
+
+def _row_sq_norms(xp: Any, weight: Any, fan_in_fan_out: bool) -> Any:
+    return xp.sum(weight * weight, axis=0 if fan_in_fan_out else 1)
+
+
+def initial_magnitude(weight: Any, *, fan_in_fan_out: bool = False, dtype: Any = None) -> Any:
+    """``||W0_i||`` for each output row: the magnitude that leaves the layer unchanged.
+
+    Parameters
+    ----------
+    weight : array
+        (out, in), or (in, out) with ``fan_in_fan_out``.
+    fan_in_fan_out : bool
+        The weight is stored transposed.
+    dtype : dtype, optional
+        Result dtype; default the weight's dtype widened to at least float32.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> initial_magnitude(xp.asarray([[3.0, 4.0], [0.0, 1.0]], dtype=xp.float32))
+    Array([5., 1.], dtype=array_api_strict.float32)
+    """
+    xp = array_namespace(weight)
+    lr.weight_shape(weight, fan_in_fan_out)
+    check_real_float_dtype(xp, weight.dtype, "weight")
+    work = lr.wider(xp, weight.dtype) if dtype is None else dtype
+    return xp.sqrt(_row_sq_norms(xp, lr.cast(xp, weight, work), fan_in_fan_out))
+
+
+def dvora_precompute(weight: Any, A: Any, rank: int, *, fan_in_fan_out: bool = False) -> DvoraFrozen:
+    """The frozen quantities of the Gram-form norm, in float32 or wider.
+
+    Parameters
+    ----------
+    weight : array
+        The frozen weight W0, (out, in) or (in, out) with ``fan_in_fan_out``.
+    A : array
+        The shared matrix A (R x max_in).
+    rank : int
+        The layer's rank ``r <= R``.
+    fan_in_fan_out : bool
+        The weight is stored transposed.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> frozen = dvora_precompute(xp.ones((6, 8)), A, 4)
+    >>> frozen.weight_proj.shape, frozen.gram.shape
+    ((6, 4), (4, 4))
+    """
+    check_positive_int("rank", rank)
+    xp = array_namespace(weight, A)
+    check_real_float_dtype(xp, weight.dtype, "weight")
+    check_real_float_dtype(xp, A.dtype, "A")
+    check_ndim("A", A, 2, "the shared matrix A (rank x max_in)")
+    _, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    if rank > A.shape[0] or in_features > A.shape[1]:
+        raise ValueError(
+            f"the layer needs A[:{rank}, :{in_features}] but the shared A has shape {tuple(A.shape)}"
+        )
+    work = lr.wider(xp, weight.dtype, A.dtype)
+    W0 = lr.cast(xp, weight, work)
+    A_s = lr.cast(xp, A[:rank, :in_features], work)
+    W_rows = W0.T if fan_in_fan_out else W0
+    return DvoraFrozen(_row_sq_norms(xp, W_rows, False), xp.matmul(W_rows, A_s.T), xp.matmul(A_s, A_s.T))
+
+
+def _check_frozen(frozen: DvoraFrozen, out_features: int, rank: int) -> None:
+    check_same_shape("frozen.weight_sq_norm", frozen.weight_sq_norm, (out_features,), "(out,)")
+    check_same_shape("frozen.weight_proj", frozen.weight_proj, (out_features, rank), "(out, rank)")
+    check_same_shape("frozen.gram", frozen.gram, (rank, rank), "(rank, rank)")
+
+
+def _gram_norm(xp: Any, frozen: DvoraFrozen, C: Any) -> Any:
+    proj = frozen.weight_proj
+    work = proj.dtype
+    Cw = lr.cast(xp, C, work)
+    sq = (
+        frozen.weight_sq_norm
+        + 2.0 * xp.sum(proj * Cw, axis=1)
+        + xp.sum(xp.matmul(Cw, frozen.gram) * Cw, axis=1)
+    )
+    tiny = float(xp.finfo(work).smallest_normal)
+    return xp.sqrt(xp.clip(sq, min=tiny))
+
+
+def dvora_norm(frozen: DvoraFrozen, B: Any, lambda_d: Any, lambda_b: Any) -> Any:
+    """``n_i = ||W0_i + dW_i||`` in the Gram form, in float32 or wider.
+
+    The squared norm is clamped below at the smallest normal number of its dtype, so
+    ``n`` is never zero (a zero row gives ``m = 0`` and so a zero output).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W = xp.ones((6, 8))
+    >>> n = dvora_norm(dvora_precompute(W, A, 4), B, xp.full(4, 0.1), xp.zeros(6))
+    >>> bool(xp.all(xp.abs(n - initial_magnitude(W)) < 1e-6))
+    True
+    """
+    xp = array_namespace(frozen.gram, B, lambda_d, lambda_b)
+    rank, out_features = lambda_d.shape[0], lambda_b.shape[0]
+    _check_frozen(frozen, out_features, rank)
+    C = lr.fold(xp, B[:out_features, :rank], lambda_d, lambda_b)
+    return _gram_norm(xp, frozen, C)
+
+
+def dense_norm(
+    weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False
+) -> Any:
+    """``||W0 + dW||`` per output row, forming ``dW``: the reference for :func:`dvora_norm`.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> dense_norm(xp.ones((6, 8)), A, B, xp.full(4, 0.1), xp.zeros(6)).shape
+    (6,)
+    """
+    return _direction(weight, A, B, lambda_d, lambda_b, fan_in_fan_out)[1]
+
+
+def _direction(
+    weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, fan_in_fan_out: bool
+) -> tuple[Any, Any, Any]:
+    """``(V, n, xp)``: ``V = W0 + dW`` in the working dtype, its row norms."""
+    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, extra={"weight": weight})
+    if shape.out_features != out_features:
+        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    work = lr.wider(xp, weight.dtype, lambda_d.dtype)
+    C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), work)
+    V = lr.cast(xp, weight, work) + lr.delta_weight_matrix(xp, C, A_s, fan_in_fan_out)
+    return V, xp.sqrt(_row_sq_norms(xp, V, fan_in_fan_out)), xp
+
+
+def _check_magnitude(magnitude: Any, lambda_d: Any, out_features: int) -> None:
+    check_ndim("magnitude", magnitude, 1, "a vector of length out_features")
+    check_same_shape("magnitude", magnitude, (out_features,), "lambda_b")
+    if magnitude.dtype != lambda_d.dtype:
+        raise TypeError(f"magnitude has dtype {magnitude.dtype} but lambda_d has {lambda_d.dtype}")
+
+
+def dvora_forward(
+    x: Any,
+    base: Any,
+    frozen: DvoraFrozen,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    bias: Any = None,
+    dropout_mask: Any = None,
+) -> tuple[Any, DvoraSaved]:
+    """The DVoRA output ``(m / n) * (base + x_drop dW^T) + bias``.
+
+    Parameters
+    ----------
+    x : array, shape (..., in)
+        Layer input.
+    base : array, shape (..., out)
+        ``x W0^T`` *without* the bias (see :func:`vera_core.linear`).
+    frozen : DvoraFrozen
+        From :func:`dvora_precompute`.
+    A, B : array
+        The shared projections.
+    magnitude : array, shape (out,)
+        Trainable magnitude ``m``, in the vectors' dtype.
+    lambda_d, lambda_b : array
+        As in :func:`vera_core.vera_forward`.
+    bias : array, shape (out,), optional
+        The layer's bias, added after scaling.
+    dropout_mask : array, shape (..., in), optional
+        Multiplies ``x`` on the adapter path only (as in PEFT's DoRA).
+
+    Returns
+    -------
+    y : array, shape (..., out)
+    saved : DvoraSaved
+        ``u`` (..., r), ``z`` (..., out) and ``n`` (out,) for :func:`dvora_backward`.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections, linear
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, x = xp.ones((6, 8)), xp.ones((3, 8))
+    >>> frozen = dvora_precompute(W, A, 4)
+    >>> m = initial_magnitude(W)
+    >>> y, saved = dvora_forward(x, linear(x, W), frozen, A, B, m, xp.full(4, 0.1), xp.zeros(6))
+    >>> bool(xp.all(xp.abs(y - linear(x, W)) < 1e-5))
+    True
+    """
+    xp, shape = check_adapter(
+        A, B, lambda_d, lambda_b, x.shape[-1] if x.ndim else 0, activation_dtype=x.dtype,
+        extra={"x": x, "base": base, "magnitude": magnitude, "bias": bias, "dropout_mask": dropout_mask},
+    )
+    check_activations("x", x, shape.in_features, "in_features on the last axis")
+    check_same_shape("base", base, (*x.shape[:-1], shape.out_features), "x with out_features last")
+    if dropout_mask is not None:
+        check_same_shape("dropout_mask", dropout_mask, tuple(x.shape), "x")
+    _check_magnitude(magnitude, lambda_d, shape.out_features)
+    _check_frozen(frozen, shape.out_features, shape.rank)
+    if bias is not None:
+        check_same_shape("bias", bias, (shape.out_features,), "lambda_b")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    norm = _gram_norm(xp, frozen, C)
+    u = lr.project(xp, x, A_s, dropout_mask)
+    z = base + xp.matmul(u, lr.cast(xp, C, x.dtype).T)
+    scale = lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), x.dtype)
+    y = z * scale
+    if bias is not None:
+        y = y + lr.cast(xp, bias, x.dtype)
+    return y, DvoraSaved(u, z, norm)
+
+
+def dvora_backward(
+    grad_y: Any,
+    saved: DvoraSaved,
+    frozen: DvoraFrozen,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    in_features: int,
+    detach_norm: bool = False,
+    has_bias: bool = False,
+    dropout_mask: Any = None,
+    input_grad: bool = True,
+) -> DvoraGrads:
+    """Analytic DVoRA gradients, exact or with the norm treated as a constant.
+
+    With ``s = m / n``, ``q_i = sum_t grad_y_ti z_ti`` and ``G = (grad_y * s)^T u``:
+    ``dL/dm = q / n``; ``dL/dC = G - (q m / n^3)[:, None] * (W0 A_s^T + C A_s A_s^T)``
+    (the second term only when ``detach_norm`` is False, DoRA section 4.3), chained to
+    the vectors through ``C = diag(lambda_b) B_s diag(lambda_d)``.
+
+    Parameters
+    ----------
+    grad_y : array, shape (..., out)
+        Upstream gradient.
+    saved : DvoraSaved
+        From :func:`dvora_forward`.
+    frozen, A, B, magnitude, lambda_d, lambda_b
+        As in :func:`dvora_forward`.
+    in_features : int
+        The layer's input features.
+    detach_norm : bool
+        Treat ``n`` as a constant (no gradient through the norm).
+    has_bias : bool
+        Also return ``dL/dbias``.
+    dropout_mask : array, optional
+        The forward's mask.
+    input_grad : bool
+        Compute the adapter path's ``dL/dx``.
+
+    Returns
+    -------
+    DvoraGrads
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections, linear
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, x = xp.ones((6, 8)), xp.ones((3, 8))
+    >>> frozen, m = dvora_precompute(W, A, 4), initial_magnitude(W)
+    >>> d, b = xp.full(4, 0.1), xp.zeros(6)
+    >>> y, saved = dvora_forward(x, linear(x, W), frozen, A, B, m, d, b)
+    >>> g = dvora_backward(xp.ones((3, 6)), saved, frozen, A, B, m, d, b, in_features=8)
+    >>> g.magnitude.shape, g.lambda_b.shape, g.base.shape
+    ((6,), (6,), (3, 6))
+    """
+    check_positive_int("in_features", in_features)
+    u, z, norm = saved
+    xp, shape = check_adapter(
+        A, B, lambda_d, lambda_b, in_features, activation_dtype=grad_y.dtype,
+        extra={"grad_y": grad_y, "u": u, "z": z, "magnitude": magnitude, "dropout_mask": dropout_mask},
+    )
+    check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+    check_same_shape("saved.z", z, tuple(grad_y.shape), "grad_y")
+    check_same_shape("saved.u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
+    check_same_shape("saved.norm", norm, (shape.out_features,), "lambda_b")
+    _check_magnitude(magnitude, lambda_d, shape.out_features)
+    _check_frozen(frozen, shape.out_features, shape.rank)
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    vec = lambda_d.dtype
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    n = lr.cast(xp, norm, vec)
+    scale = magnitude / n
+    grad_z = grad_y * lr.cast(xp, scale, grad_y.dtype)
+    flat_g, flat_z = lr.flatten_tokens(xp, grad_y), lr.flatten_tokens(xp, z)
+    q = xp.sum(flat_g * flat_z, axis=0, dtype=vec)
+    grad_m = q / n
+    grad_C = lr.token_gram(xp, grad_z, u, vec)
+    if not detach_norm:
+        grad_sq = -(q * magnitude) / (n * n * n)  # dL/dn / n
+        Cw = lr.cast(xp, C, frozen.gram.dtype)
+        direction = frozen.weight_proj + xp.matmul(Cw, frozen.gram)
+        grad_C = grad_C + lr.cast(xp, grad_sq[:, None] * lr.cast(xp, direction, vec), vec)
+    grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
+    grad_x = lr.input_grad(xp, grad_z, C, A_s, dropout_mask) if input_grad else None
+    grad_bias = xp.sum(flat_g, axis=0, dtype=vec) if has_bias else None
+    return DvoraGrads(grad_x, grad_z, grad_m, grad_d, grad_b, grad_bias)
+
+
+def dvora_merge(
+    weight: Any,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    fan_in_fan_out: bool = False,
+    safe: bool = False,
+) -> tuple[Any, Any]:
+    """A new weight ``m * (W0 + dW) / n``, and ``n`` (keep it: :func:`dvora_unmerge` needs it).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W = xp.ones((6, 8))
+    >>> merged, norm = dvora_merge(W, A, B, initial_magnitude(W), xp.full(4, 0.1), xp.zeros(6))
+    >>> bool(xp.all(xp.abs(merged - W) < 1e-6))
+    True
+    """
+    V, n, xp = _direction(weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
+    out_features, _ = lr.weight_shape(weight, fan_in_fan_out)
+    _check_magnitude(magnitude, lambda_d, out_features)
+    scale = lr.cast(xp, magnitude, V.dtype) / n
+    merged = lr.cast(xp, V * (scale[None, :] if fan_in_fan_out else scale[:, None]), weight.dtype)
+    if safe:
+        check_finite(xp, "the merged weight", merged)
+    return merged, n
+
+
+def dvora_unmerge(
+    weight: Any,
+    norm: Any,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    fan_in_fan_out: bool = False,
+) -> Any:
+    """Recover ``W0 = W' n / m - dW`` from a merged weight and the ``n`` merge returned.
+
+    Raises ValueError when a magnitude is zero (that row's direction is lost).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, d, b = xp.ones((6, 8)), xp.full(4, 0.1), xp.ones(6)
+    >>> m = initial_magnitude(W)
+    >>> merged, n = dvora_merge(W, A, B, m, d, b)
+    >>> bool(xp.all(xp.abs(dvora_unmerge(merged, n, A, B, m, d, b) - W) < 1e-5))
+    True
+    """
+    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, extra={"weight": weight, "norm": norm})
+    _check_magnitude(magnitude, lambda_d, out_features)
+    check_same_shape("norm", norm, (out_features,), "lambda_b")
+    if bool(xp.any(magnitude == 0)):
+        raise ValueError("magnitude has zeros: those rows of the merged weight are zero and cannot be unmerged")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    work = lr.wider(xp, weight.dtype, lambda_d.dtype, norm.dtype)
+    C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), work)
+    inverse = lr.cast(xp, norm, work) / lr.cast(xp, magnitude, work)
+    inverse = inverse[None, :] if fan_in_fan_out else inverse[:, None]
+    W0 = lr.cast(xp, weight, work) * inverse - lr.delta_weight_matrix(xp, C, A_s, fan_in_fan_out)
+    return lr.cast(xp, W0, weight.dtype)

@@ -1,0 +1,45 @@
+"""The frozen base layer ``x W^T + b`` and its input gradient, for backends without autograd."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import array_namespace
+
+from vera_core import _lowrank as lr
+from vera_core._validation import check_activations, check_same_device, check_same_shape
+
+
+def linear(x: Any, weight: Any, bias: Any = None, *, fan_in_fan_out: bool = False) -> Any:
+    """``x W^T + b`` for a weight stored (out, in), or ``x W + b`` with ``fan_in_fan_out``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> linear(xp.ones((2, 3)), xp.ones((4, 3)), xp.ones(4)).shape
+    (2, 4)
+    """
+    xp = array_namespace(x, weight, *(() if bias is None else (bias,)))
+    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    check_activations("x", x, in_features, "in_features on the last axis")
+    check_same_device({"x": x, "weight": weight, "bias": bias})
+    y = xp.matmul(x, lr.cast(xp, weight if fan_in_fan_out else weight.T, x.dtype))
+    if bias is not None:
+        check_same_shape("bias", bias, (out_features,), "(out_features,)")
+        y = y + lr.cast(xp, bias, x.dtype)
+    return y
+
+
+def linear_input_grad(grad_y: Any, weight: Any, *, fan_in_fan_out: bool = False) -> Any:
+    """``dL/dx = grad_y W`` of :func:`linear` (``grad_y W^T`` with ``fan_in_fan_out``).
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> linear_input_grad(xp.ones((2, 4)), xp.ones((4, 3))).shape
+    (2, 3)
+    """
+    xp = array_namespace(grad_y, weight)
+    out_features, _ = lr.weight_shape(weight, fan_in_fan_out)
+    check_activations("grad_y", grad_y, out_features, "out_features on the last axis")
+    return xp.matmul(grad_y, lr.cast(xp, weight.T if fan_in_fan_out else weight, grad_y.dtype))

@@ -1,0 +1,273 @@
+"""VeRA: ``h = W0 x + lambda_b * (B (lambda_d * (A x)))``, functional and stateless.
+
+Every function takes the *shared* matrices ``A`` (R x max_in) and ``B`` (max_out x R)
+and slices what the layer needs: its rank ``r = len(lambda_d) <= R``, its output
+features ``out = len(lambda_b) <= max_out`` and its input features ``in <= max_in``
+(``A[:r, :in]``, ``B[:out, :r]``).
+
+dtype policy: activations (``x``, ``base``, gradients) are any real floating dtype;
+the vectors have the activations' dtype, or float32 beside float16/bfloat16
+activations. Matrix products run in the activations' dtype; the vector gradients are
+reduced in the vectors' dtype (float32 or wider).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from vera_core import _lowrank as lr
+from vera_core._validation import (
+    check_activations,
+    check_adapter,
+    check_finite,
+    check_positive_int,
+    check_same_shape,
+)
+
+
+class VeraGrads(NamedTuple):
+    """Gradients of a VeRA layer's adapter term."""
+
+    x: Any
+    """``dL/dx`` through the adapter term only (None when not asked for); add the base layer's."""
+    lambda_d: Any
+    """``dL/dlambda_d``, shape (r,), in the vectors' dtype."""
+    lambda_b: Any
+    """``dL/dlambda_b``, shape (out,), in the vectors' dtype."""
+
+
+def _check_mask(mask: Any, x_shape: tuple[int, ...]) -> None:
+    if mask is not None:
+        check_same_shape("dropout_mask", mask, x_shape, "x")
+
+
+def vera_forward(
+    x: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    base: Any = None,
+    dropout_mask: Any = None,
+) -> tuple[Any, Any]:
+    """The VeRA output ``base + lambda_b * (B_s (lambda_d * (A_s (x * mask))))``.
+
+    Parameters
+    ----------
+    x : array, shape (..., in)
+        Layer input.
+    A, B : array
+        The shared projections, (R x max_in) and (max_out x R).
+    lambda_d : array, shape (r,)
+        Trainable scaling of the rank dimension.
+    lambda_b : array, shape (out,)
+        Trainable scaling of the output features.
+    base : array, shape (..., out), optional
+        The frozen layer's output ``W0 x + bias``; when omitted only the adapter term
+        is returned.
+    dropout_mask : array, shape (..., in), optional
+        Multiplies ``x`` on the adapter path (zeros and ``1 / (1 - p)``).
+
+    Returns
+    -------
+    y : array, shape (..., out)
+        ``base`` plus the adapter term (or the adapter term alone).
+    u : array, shape (..., r)
+        ``(x * mask) A_s^T``: all that :func:`vera_backward` needs saved.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> x = xp.ones((2, 8))
+    >>> y, u = vera_forward(x, A, B, xp.full(4, 0.1), xp.zeros(6))
+    >>> y.shape, u.shape, bool(xp.all(y == 0))
+    ((2, 6), (2, 4), True)
+    """
+    xp, shape = check_adapter(
+        A, B, lambda_d, lambda_b, x.shape[-1] if x.ndim else 0,
+        activation_dtype=x.dtype, extra={"x": x, "base": base, "dropout_mask": dropout_mask},
+    )
+    check_activations("x", x, shape.in_features, "in_features on the last axis")
+    _check_mask(dropout_mask, tuple(x.shape))
+    if base is not None:
+        check_same_shape("base", base, (*x.shape[:-1], shape.out_features), "x with out_features last")
+        if base.dtype != x.dtype:
+            raise TypeError(f"base has dtype {base.dtype} but x has {x.dtype}")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    u = lr.project(xp, x, A_s, dropout_mask)
+    C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), x.dtype)
+    delta = xp.matmul(u, C.T)
+    return (delta if base is None else base + delta), u
+
+
+def vera_backward(
+    grad_y: Any,
+    u: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    in_features: int,
+    dropout_mask: Any = None,
+    input_grad: bool = True,
+) -> VeraGrads:
+    """Analytic gradients of the VeRA adapter term, from ``u`` alone (no autograd).
+
+    With ``C = diag(lambda_b) B_s diag(lambda_d)`` and ``G = grad_y^T u`` (summed over
+    tokens): ``dL/dlambda_d = sum_i G_ik lambda_b_i B_ik``,
+    ``dL/dlambda_b = sum_k G_ik lambda_d_k B_ik``, ``dL/dx = ((grad_y C) A_s) * mask``.
+
+    Parameters
+    ----------
+    grad_y : array, shape (..., out)
+        Upstream gradient of the layer output.
+    u : array, shape (..., r)
+        The ``u`` returned by :func:`vera_forward`.
+    A, B, lambda_d, lambda_b : array
+        As in :func:`vera_forward`.
+    in_features : int
+        The layer's input features.
+    dropout_mask : array, shape (..., in), optional
+        The mask used in the forward pass.
+    input_grad : bool
+        Compute ``dL/dx`` (two extra matrix products); False returns ``x=None``.
+
+    Returns
+    -------
+    VeraGrads
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> d, b = xp.full(4, 0.1), xp.ones(6)
+    >>> y, u = vera_forward(xp.ones((2, 8)), A, B, d, b)
+    >>> g = vera_backward(xp.ones((2, 6)), u, A, B, d, b, in_features=8)
+    >>> g.x.shape, g.lambda_d.shape, g.lambda_b.shape
+    ((2, 8), (4,), (6,))
+    """
+    check_positive_int("in_features", in_features)
+    xp, shape = check_adapter(
+        A, B, lambda_d, lambda_b, in_features,
+        activation_dtype=grad_y.dtype, extra={"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask},
+    )
+    check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+    check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
+    _check_mask(dropout_mask, (*grad_y.shape[:-1], in_features))
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    grad_C = lr.token_gram(xp, grad_y, u, lambda_d.dtype)
+    grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
+    grad_x = lr.input_grad(xp, grad_y, C, A_s, dropout_mask) if input_grad else None
+    return VeraGrads(grad_x, grad_d, grad_b)
+
+
+def delta_weight(
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    in_features: int,
+    *,
+    fan_in_fan_out: bool = False,
+) -> Any:
+    """``delta W = diag(lambda_b) B_s diag(lambda_d) A_s``, in the vectors' dtype.
+
+    Returns shape (out, in), or (in, out) with ``fan_in_fan_out``.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> delta_weight(A, B, xp.full(4, 0.1), xp.ones(6), 5).shape
+    (6, 5)
+    """
+    check_positive_int("in_features", in_features)
+    xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features)
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    return lr.delta_weight_matrix(xp, lr.fold(xp, B_s, lambda_d, lambda_b), A_s, fan_in_fan_out)
+
+
+def _shift_weight(
+    weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, sign: float, fan_in_fan_out: bool, safe: bool
+) -> Any:
+    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, extra={"weight": weight})
+    if shape.out_features != out_features:
+        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    work = lr.wider(xp, weight.dtype, lambda_d.dtype)
+    C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), work)
+    delta = lr.delta_weight_matrix(xp, C, A_s, fan_in_fan_out)
+    result = lr.cast(xp, lr.cast(xp, weight, work) + sign * delta, weight.dtype)
+    if safe:
+        check_finite(xp, "the merged weight", result)
+    return result
+
+
+def merge(
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    fan_in_fan_out: bool = False,
+    safe: bool = False,
+) -> Any:
+    """A new weight ``W0 + delta W`` (the input is not modified).
+
+    The sum is formed in float32 or wider and rounded once to the weight's dtype.
+
+    Parameters
+    ----------
+    weight : array
+        Stored (out, in), or (in, out) with ``fan_in_fan_out``.
+    A, B, lambda_d, lambda_b : array
+        As in :func:`vera_forward`.
+    fan_in_fan_out : bool
+        The weight is stored transposed (transformers' ``Conv1D``).
+    safe : bool
+        Raise ValueError, returning nothing, when the result holds NaN or infinity.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W = xp.zeros((6, 8))
+    >>> merge(W, A, B, xp.full(4, 0.1), xp.zeros(6)).shape
+    (6, 8)
+    """
+    return _shift_weight(weight, A, B, lambda_d, lambda_b, 1.0, fan_in_fan_out, safe)
+
+
+def unmerge(
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    fan_in_fan_out: bool = False,
+) -> Any:
+    """A new weight ``W - delta W``: undoes :func:`merge` up to rounding.
+
+    Examples
+    --------
+    >>> import array_api_strict as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> d, b = xp.full(4, 0.1), xp.ones(6)
+    >>> W = xp.zeros((6, 8), dtype=xp.float64)
+    >>> back = unmerge(merge(W, A, B, d, b), A, B, d, b)
+    >>> float(xp.max(xp.abs(back))) < 1e-6
+    True
+    """
+    return _shift_weight(weight, A, B, lambda_d, lambda_b, -1.0, fan_in_fan_out, False)
