@@ -50,7 +50,7 @@ class WordOps:
 
     Examples
     --------
-    >>> import array_api_strict as xp
+    >>> import numpy as xp
     >>> ops = WordOps(xp, None)
     >>> int(ops.add(ops.asarray([0xFFFFFFFF]), 2)[0])
     1

@@ -44,7 +44,7 @@ def threefry2x32(key: tuple[int, int], x0: Any, x1: Any, ops: WordOps) -> tuple[
 
     Examples
     --------
-    >>> import array_api_strict as xp
+    >>> import numpy as xp
     >>> from vera_core._words import WordOps
     >>> ops = WordOps(xp, None)
     >>> y0, y1 = threefry2x32((0, 0), ops.asarray([0]), ops.asarray([0]), ops)

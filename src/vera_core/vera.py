@@ -78,7 +78,7 @@ def vera_forward(
 
     Examples
     --------
-    >>> import array_api_strict as xp
+    >>> import numpy as xp
     >>> from vera_core import generate_projections
     >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
     >>> x = xp.ones((2, 8))
@@ -142,7 +142,7 @@ def vera_backward(
 
     Examples
     --------
-    >>> import array_api_strict as xp
+    >>> import numpy as xp
     >>> from vera_core import generate_projections
     >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
     >>> d, b = xp.full(4, 0.1), xp.ones(6)
@@ -182,7 +182,7 @@ def delta_weight(
 
     Examples
     --------
-    >>> import array_api_strict as xp
+    >>> import numpy as xp
     >>> from vera_core import generate_projections
     >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
     >>> delta_weight(A, B, xp.full(4, 0.1), xp.ones(6), 5).shape
@@ -238,7 +238,7 @@ def merge(
 
     Examples
     --------
-    >>> import array_api_strict as xp
+    >>> import numpy as xp
     >>> from vera_core import generate_projections
     >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
     >>> W = xp.zeros((6, 8))
@@ -261,7 +261,7 @@ def unmerge(
 
     Examples
     --------
-    >>> import array_api_strict as xp
+    >>> import numpy as xp
     >>> from vera_core import generate_projections
     >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
     >>> d, b = xp.full(4, 0.1), xp.ones(6)
