@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
 
 from vera_core import _lowrank as lr
 from vera_core._validation import (
@@ -148,8 +149,9 @@ def _gram_norm(xp: Any, frozen: DvoraFrozen, C: Any) -> Any:
         + 2.0 * xp.sum(proj * Cw, axis=1)
         + xp.sum(xp.matmul(Cw, frozen.gram) * Cw, axis=1)
     )
-    tiny = float(xp.finfo(work).smallest_normal)
-    return xp.sqrt(xp.clip(sq, min=tiny))
+    # maximum, not clip: array-api-compat's clip synchronises CuPy (boolean indexing)
+    tiny = xp.asarray(float(xp.finfo(work).smallest_normal), dtype=work, device=device_of(sq))
+    return xp.sqrt(xp.maximum(sq, tiny))
 
 
 def dvora_norm(frozen: DvoraFrozen, B: Any, lambda_d: Any, lambda_b: Any) -> Any:

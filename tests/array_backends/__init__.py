@@ -1,0 +1,1 @@
+"""Tests of vera_numpy and vera_cupy (the array backends without autograd)."""
