@@ -36,6 +36,10 @@ def is_half(xp: Any, dtype: Any) -> bool:
 def check_same_device(named_arrays: dict[str, Any]) -> None:
     """Raise ValueError when the arrays live on different devices."""
     devices = {name: device_of(a) for name, a in named_arrays.items() if a is not None}
+    # tracers (JAX transformations) report no device: they cannot disagree with one
+    devices = {name: dev for name, dev in devices.items() if dev is not None}
+    if not devices:
+        return
     first_name, first = next(iter(devices.items()))
     for name, dev in devices.items():
         if dev != first:

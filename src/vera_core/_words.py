@@ -86,8 +86,11 @@ class WordOps:
 
     def add(self, a: Any, b: Any) -> Any:
         """``(a + b) mod 2**32``; ``b`` may be a Python int in ``[0, 2**32)``."""
-        total = a + b
-        return total & MASK32 if self.masked else total
+        if self.masked:
+            return (a + b) & MASK32
+        if isinstance(b, int):  # JAX without x64 cannot hold ints >= 2**31 as weak scalars
+            b = self.xp.asarray(b, dtype=self.dtype, device=self.device)
+        return a + b
 
     def rotl(self, x: Any, bits: int) -> Any:
         """Rotate each word left by ``bits`` (0 < bits < 32)."""
