@@ -17,13 +17,15 @@ def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
     from matplotlib import pyplot as plt
 
     figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    for result in results:
+    # neighbours on the x axis alternate their labels below and above, so they do not overlap
+    by_size = sorted(results, key=lambda r: r.trainable_parameters)
+    for index, result in enumerate(by_size):
         axes.scatter(result.trainable_parameters, 100 * result.accuracy_after, s=60, zorder=3)
         axes.annotate(
             result.label,
             (result.trainable_parameters, 100 * result.accuracy_after),
             textcoords="offset points",
-            xytext=(6, -12),
+            xytext=(6, -14 if index % 2 == 0 else 7),
             fontsize=9,
         )
     if results:
@@ -37,7 +39,7 @@ def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
         axes.set_xlim(min(counts) / 2, max(counts) * 4)
     axes.set_xlabel("trainable parameters (log scale)")
     axes.set_ylabel("test accuracy on the new task (%)")
-    axes.set_ylim(0, 100)
+    axes.set_ylim(0, 108)
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
