@@ -129,7 +129,9 @@ def check_adapter(
 
 def check_activations(name: str, x: Any, features: int, axis_meaning: str) -> None:
     """Raise unless ``x`` has at least one dimension and ``features`` on its last axis."""
-    if x.ndim < 1 or x.shape[-1] != features:
+    if x.ndim < 1:  # before the shape: a 0-d x reaches here with features 0
+        raise ValueError(f"{name} must have at least one dimension ({axis_meaning}), got a 0-d array")
+    if x.shape[-1] != features:
         raise ValueError(f"{name} must have shape (..., {features}) ({axis_meaning}), got {tuple(x.shape)}")
 
 

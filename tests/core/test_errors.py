@@ -1,0 +1,28 @@
+"""Every documented misuse raises its exception with a message that says what is wrong, on every backend."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+
+import vera_core as vc
+from vera_core.testing import ERROR_CASES, Case, ErrorCase, Layer, LoadedBackend, check_error_case
+from vera_core.testing._values import to_nested
+from vera_core.testing.error_checks import Inputs, unavailable
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=[case.name for case in ERROR_CASES])
+def test_error(backend: LoadedBackend, case: ErrorCase) -> None:
+    reason = unavailable(case, backend.xp, backend.device, backend.other_device)
+    if reason is not None:
+        pytest.skip(reason)
+    check_error_case(case, backend.xp, backend.device, backend.other_device)
+
+
+def test_merge_without_safe_passes_infinity_through(xp: Any, device: Any) -> None:
+    inputs = Inputs(Layer.build(Case(), xp, device))
+    a = inputs.layer.arrays
+    merged = vc.merge(inputs.weight_with(math.inf), a["A"], a["B"], a["d"], a["b"])
+    assert to_nested(merged)[0][0] == math.inf
