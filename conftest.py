@@ -9,7 +9,7 @@ import importlib.util
 _NEEDS = {
     "src/backends/vera_torch": "torch",
     "src/vera_cli/demo/torch_engine.py": "torch",
-    "src/vera_core/testing/__init__.py": "array_api_strict",
+    "src/vera_core/testing": "array_api_strict",
 }
 
 collect_ignore = [path for path, package in _NEEDS.items() if importlib.util.find_spec(package) is None]
