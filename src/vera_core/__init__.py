@@ -29,7 +29,17 @@ from vera_core.dvora import (
 )
 from vera_core.linear import linear, linear_input_grad
 from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections, kaiming_bound, kaiming_uniform
-from vera_core.vera import VeraGrads, delta_weight, merge, unmerge, vera_backward, vera_forward
+from vera_core.vera import (
+    VeraGrads,
+    delta_weight,
+    dense_is_cheaper,
+    merge,
+    unmerge,
+    vera_backward,
+    vera_backward_dense,
+    vera_forward,
+    vera_forward_dense,
+)
 
 __version__ = "0.1.0"
 
@@ -42,6 +52,7 @@ __all__ = [
     "VeraGrads",
     "__version__",
     "delta_weight",
+    "dense_is_cheaper",
     "dense_norm",
     "dvora_backward",
     "dvora_forward",
@@ -58,5 +69,7 @@ __all__ = [
     "merge",
     "unmerge",
     "vera_backward",
+    "vera_backward_dense",
     "vera_forward",
+    "vera_forward_dense",
 ]

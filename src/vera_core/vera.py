@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from vera_core import _lowrank as lr
+from vera_core.linear import linear, linear_input_grad
 from vera_core._validation import (
     check_activations,
     check_adapter,
@@ -271,3 +272,125 @@ def unmerge(
     True
     """
     return _shift_weight(weight, A, B, lambda_d, lambda_b, -1.0, fan_in_fan_out, False)
+
+
+def dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int, *, backward: bool = True) -> bool:
+    """Whether the dense formulation (:func:`vera_forward_dense`) needs fewer multiply-adds.
+
+    Factored: ``u = x A^T``, ``u C^T`` (and in backward ``grad_y^T u``, ``grad_y C``,
+    ``(grad_y C) A``) cost ``T r (2 in + 3 out)``, or ``T r (in + out)`` without
+    backward. Dense: ``W' = W0 + C A`` once per pass (``out r in``), ``u = x A^T``
+    and, in backward, ``grad_y^T u``; the product with ``W'`` replaces the frozen
+    layer's own and costs nothing extra.
+
+    Examples
+    --------
+    >>> dense_is_cheaper(2048, 1024, 1024, 256), dense_is_cheaper(16, 1024, 1024, 256)
+    (True, False)
+    """
+    passes = 2 if backward else 1
+    factored = tokens * rank * ((2 * in_features + 3 * out_features) if backward else (in_features + out_features))
+    dense = passes * out_features * rank * in_features + tokens * rank * (in_features + (out_features if backward else 0))
+    return dense < factored
+
+
+def _check_dense_dtype(xp: Any, dtype: Any) -> None:
+    if int(xp.finfo(dtype).bits) < 32:
+        raise TypeError(
+            f"the dense formulation rounds W0 + delta W to the activations' dtype {dtype}, which would swamp "
+            "delta W; use vera_forward/vera_backward for 16-bit activations"
+        )
+
+
+def vera_forward_dense(
+    x: Any,
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    bias: Any = None,
+    fan_in_fan_out: bool = False,
+) -> tuple[Any, Any]:
+    """The whole adapted layer ``x (W0 + delta W)^T + bias`` through the merged weight.
+
+    Equal to ``vera_forward(x, ..., base=linear(x, W0, bias))`` up to rounding, and
+    cheaper when :func:`dense_is_cheaper` says so (many tokens). Needs the frozen weight
+    (not for quantised bases), float32 or wider activations, and no dropout (the base
+    path would see the dropped input).
+
+    Returns
+    -------
+    y : array, shape (..., out)
+    u : array, shape (..., r)
+        For :func:`vera_backward_dense`.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections, linear
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, x = xp.ones((6, 8)), xp.ones((3, 8))
+    >>> d, b = xp.full(4, 0.1), xp.ones(6)
+    >>> y, u = vera_forward_dense(x, W, A, B, d, b)
+    >>> reference, _ = vera_forward(x, A, B, d, b, base=linear(x, W))
+    >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
+    True
+    """
+    xp, shape = check_adapter(
+        A, B, lambda_d, lambda_b, x.shape[-1] if x.ndim else 0,
+        activation_dtype=x.dtype, extra={"x": x, "weight": weight, "bias": bias},
+    )
+    _check_dense_dtype(xp, x.dtype)
+    merged = lr.cast(xp, merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), x.dtype)
+    y = linear(x, merged, bias, fan_in_fan_out=fan_in_fan_out)
+    A_s, _ = lr.layer_slices(A, B, shape)
+    return y, lr.project(xp, x, A_s, None)
+
+
+def vera_backward_dense(
+    grad_y: Any,
+    u: Any,
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    fan_in_fan_out: bool = False,
+    input_grad: bool = True,
+) -> VeraGrads:
+    """Gradients of :func:`vera_forward_dense`; ``x`` is the *whole* ``dL/dx`` (base included).
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections, linear_input_grad
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, x, g = xp.ones((6, 8)), xp.ones((3, 8)), xp.ones((3, 6))
+    >>> d, b = xp.full(4, 0.1), xp.ones(6)
+    >>> y, u = vera_forward_dense(x, W, A, B, d, b)
+    >>> dense = vera_backward_dense(g, u, W, A, B, d, b)
+    >>> factored = vera_backward(g, u, A, B, d, b, in_features=8)
+    >>> bool(xp.max(xp.abs(dense.x - (factored.x + linear_input_grad(g, W)))) < 1e-12)
+    True
+    """
+    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    xp, shape = check_adapter(
+        A, B, lambda_d, lambda_b, in_features,
+        activation_dtype=grad_y.dtype, extra={"grad_y": grad_y, "u": u, "weight": weight},
+    )
+    _check_dense_dtype(xp, grad_y.dtype)
+    if shape.out_features != out_features:
+        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
+    check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+    check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
+    _, B_s = lr.layer_slices(A, B, shape)
+    grad_C = lr.token_gram(xp, grad_y, u, lambda_d.dtype)
+    grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
+    grad_x = None
+    if input_grad:
+        merged = lr.cast(xp, merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), grad_y.dtype)
+        grad_x = linear_input_grad(grad_y, merged, fan_in_fan_out=fan_in_fan_out)
+    return VeraGrads(grad_x, grad_d, grad_b)

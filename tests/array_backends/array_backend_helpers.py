@@ -23,18 +23,6 @@ def cupy_or_skip() -> Any:
     return cupy
 
 
-def namespace(name: str) -> Any:
-    """The Array API namespace called ``name`` (skipping for CuPy without a GPU)."""
-    if name == "numpy":
-        import array_api_compat.numpy as xp
-    elif name == "array_api_strict":
-        import array_api_strict as xp
-    else:
-        cupy_or_skip()
-        import array_api_compat.cupy as xp
-    return xp
-
-
 def to_numpy(array: Any) -> np.ndarray:
     """A host copy of an array of any tested namespace."""
     if hasattr(array, "get") and type(array).__module__.startswith("cupy"):
