@@ -73,7 +73,8 @@ def test_file_contents(tmp_path: Path) -> None:
 
 def test_file_moves_between_namespaces(tmp_path: Path) -> None:
     import array_api_compat.numpy as np_xp
-    import array_api_strict as strict_xp
+
+    strict_xp = pytest.importorskip("array_api_strict", reason="the strict session moves files between namespaces")
 
     strict_model = add_vera(float32_weights(strict_xp), TARGETS, r=4, seed=1)
     train_a_little(strict_xp, strict_model)

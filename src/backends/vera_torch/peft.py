@@ -1,0 +1,78 @@
+"""Hugging Face PEFT interop: load PEFT VeRA adapter folders, export ours for ``PeftModel``.
+
+PEFT is *not* imported: the folder format is read and written by
+:mod:`vera_core.peft_format`. PEFT-origin adapters without stored projections are
+regenerated with PEFT's own recipe (:func:`vera_torch.projections.peft_projections`,
+``prng_id`` ``"torch-mt19937-peft"``). Exported folders always store the projections,
+so ``peft.PeftModel.from_pretrained(base, folder)`` reproduces our outputs (to float32
+round-off: PEFT applies the vectors to activations, we fold them into B).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+from torch import nn
+from vera_core.adapter_file import PROJECTION_KEYS, AdapterConfig, AdapterFileError, LayerSpec
+from vera_core.peft_format import read_peft_folder, write_peft_folder
+from vera_torch.files import _load_into, _match_layers, adapter_config, adapter_tensors
+from vera_torch.layers import layer_dims
+from vera_torch.model import check_new_name, get_state
+
+__all__ = ["load_peft_adapter", "save_peft_adapter"]
+
+
+def load_peft_adapter(
+    model: nn.Module, folder: str | os.PathLike[str], adapter_name: str = "default", *, activate: bool = False
+) -> AdapterConfig:
+    """Load a PEFT VeRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) into ``model``.
+
+    ``model`` is the *base* model PEFT wrapped (layer paths are those after
+    ``base_model.model.``). Linear and Conv1D targets, with or without stored
+    projections; checked against the model before anything changes.
+
+    Returns
+    -------
+    AdapterConfig
+        The adapter as vera-core sees it (``in_features`` filled from the model).
+
+    Raises
+    ------
+    vera_core.adapter_file.AdapterFileError
+        Not a VeRA folder, or layers that do not fit the model.
+    """
+    source = str(folder)
+    check_new_name(model, adapter_name)
+    config, tensors = read_peft_folder(folder, framework="torch")
+    targets = _match_layers(model, config, source)
+    layers = {}
+    for path, spec in config.layers.items():
+        n_in, n_out, fifo = layer_dims(targets[path])  # type: ignore[misc]
+        layers[path] = LayerSpec(out_features=n_out, rank=spec.rank, in_features=n_in, fan_in_fan_out=fifo)
+    max_in = config.max_in if config.max_in is not None else max(s.in_features for s in layers.values())
+    if PROJECTION_KEYS[0] not in tensors:
+        # PEFT sizes A and B over the targeted layers only, as here
+        max_out = max(s.out_features for s in layers.values())
+        if max_out != config.max_out:
+            raise AdapterFileError(f"{source}: inconsistent output sizes")
+    config = dataclasses.replace(config, layers=layers, max_in=max_in)
+    _load_into(model, config, tensors, adapter_name, source)
+    if activate:
+        from vera_torch.model import set_adapter
+
+        set_adapter(model, adapter_name)
+    return config
+
+
+def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], adapter_name: str = "default") -> None:
+    """Write one VeRA adapter as a PEFT folder that ``peft.PeftModel.from_pretrained`` loads.
+
+    The projections are stored (PEFT >= 0.21 reads them back); a layer of rank below the
+    shared rank has ``lambda_d`` zero-padded (exact). DVoRA adapters cannot be exported
+    (PEFT has no DVoRA): AdapterFileError.
+    """
+    config = adapter_config(model, adapter_name)
+    tensors = adapter_tensors(model, adapter_name, config)
+    A, B = get_state(model).projections.get(get_state(model).settings[adapter_name].key)
+    write_peft_folder(folder, config, tensors, A.detach().cpu(), B.detach().cpu(), framework="torch")

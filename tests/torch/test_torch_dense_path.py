@@ -1,0 +1,64 @@
+"""VeraLinear takes the merged-weight path exactly where it is cheaper and valid, with equal results."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import vera_torch as vt  # noqa: E402
+import vera_torch.layers as layers  # noqa: E402
+from torch import nn  # noqa: E402
+
+
+def _model(dropout: float = 0.0) -> nn.Module:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 16))
+    vt.add_vera(model, target_modules="all-linear", r=8, seed=3, dropout=dropout)
+    for name, parameter in model.named_parameters():
+        if "lambda" in name:
+            nn.init.normal_(parameter)
+    return model
+
+
+def _run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    x = x.clone().requires_grad_(True)
+    y = model(x)
+    (y.square().sum()).backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.requires_grad]
+    return y.detach(), [x.grad, *grads]
+
+
+@pytest.fixture
+def dense_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    calls: list[int] = []
+    original = layers.vera_dense
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "vera_dense", counting)
+    return calls
+
+
+def test_many_tokens_take_the_dense_path_with_equal_results(
+    dense_calls: list[int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    x = torch.randn(64, 32, dtype=torch.float32)
+    y_dense, grads_dense = _run(_model(), x)
+    assert dense_calls == [1]
+    monkeypatch.setattr(layers.vc, "dense_is_cheaper", lambda *a, **k: False)
+    y_factored, grads_factored = _run(_model(), x)
+    assert dense_calls == [1]
+    torch.testing.assert_close(y_dense, y_factored, rtol=1e-5, atol=1e-5)
+    for got, want in zip(grads_dense, grads_factored, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_few_tokens_dropout_and_bfloat16_stay_factored(dense_calls: list[int]) -> None:
+    _run(_model(), torch.randn(1, 32))
+    _run(_model(dropout=0.1).train(), torch.randn(64, 32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _model()(torch.randn(64, 32)).float().sum().backward()
+    assert dense_calls == []

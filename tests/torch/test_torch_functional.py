@@ -1,0 +1,95 @@
+"""The autograd Functions against plain autograd on the textbook formulas."""
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from array_api_compat import torch as xp  # noqa: E402
+
+import vera_core as vc  # noqa: E402
+from vera_torch.functional import dvora, vera  # noqa: E402
+
+
+def _setup(dtype=torch.float64, r=6, R=8, n_in=10, n_out=7, max_in=12, max_out=9):
+    A, B = vc.generate_projections(3, R, max_in, max_out, xp=xp, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    W = torch.randn(n_out, n_in, generator=g, dtype=dtype)
+    x = torch.randn(2, 5, n_in, generator=g, dtype=dtype, requires_grad=True)
+    d = torch.randn(r, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(n_out, generator=g, dtype=dtype, requires_grad=True)
+    return A, B, W, x, d, b
+
+
+def _reference_vera(x, W, A, B, d, b, mask=None):
+    r, n_out, n_in = d.shape[0], b.shape[0], x.shape[-1]
+    xd = x if mask is None else x * mask
+    return x @ W.T + b * ((d * (xd @ A[:r, :n_in].T)) @ B[:n_out, :r].T)
+
+
+@pytest.mark.parametrize("use_mask", [False, True])
+def test_vera_matches_autograd(use_mask):
+    A, B, W, x, d, b = _setup()
+    mask = (torch.rand(x.shape, dtype=x.dtype) > 0.3).to(x.dtype) / 0.7 if use_mask else None
+    y = vera(x @ W.T, x, A, B, d, b, mask)
+    ref = _reference_vera(x, W, A, B, d, b, mask)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, d, b), g)
+    want = torch.autograd.grad(ref, (x, d, b), g)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w)
+
+
+def test_vera_gradcheck():
+    A, B, W, x, d, b = _setup()
+    base = (x @ W.T).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda base, x, d, b: vera(base, x, A, B, d, b), (base, x, d, b))
+
+
+def test_vera_saves_only_u():
+    """Besides the shared matrices and vectors, the Function keeps tokens x r values."""
+    A, B, _, x, d, b = _setup(dtype=torch.float32)
+    base = torch.zeros(2, 5, 7)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vera(base, x, A, B, d, b)
+    token_sized = [t for t in saved if t.dim() >= 2 and t is not A and t is not B and t.data_ptr() != A.data_ptr()]
+    assert [tuple(t.shape) for t in token_sized] == [(2, 5, 6)]
+
+
+def _reference_dvora(x, W, A, B, m, d, b, bias, detach):
+    r, n_out, n_in = d.shape[0], b.shape[0], x.shape[-1]
+    V = W + (b[:, None] * B[:n_out, :r] * d[None, :]) @ A[:r, :n_in]
+    n = V.norm(dim=1)
+    if detach:
+        n = n.detach()
+    return (x @ V.T) * (m / n) + bias
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_dvora_matches_autograd(detach):
+    A, B, W, x, d, b = _setup()
+    m = (W.norm(dim=1) * 1.3).requires_grad_()
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    frozen = vc.dvora_precompute(W, A, 6)
+    y = dvora(x @ W.T, x, frozen, A, B, m, d, b, bias, detach_norm=detach)
+    ref = _reference_dvora(x, W, A, B, m, d, b, bias, detach)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, m, d, b, bias), g)
+    want = torch.autograd.grad(ref, (x, m, d, b, bias), g)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w)
+
+
+def test_dvora_gradcheck():
+    A, B, W, x, d, b = _setup()
+    m = W.norm(dim=1).requires_grad_()
+    frozen = vc.dvora_precompute(W, A, 6)
+    base = (x @ W.T).detach().requires_grad_()
+    assert torch.autograd.gradcheck(lambda base, x, m, d, b: dvora(base, x, frozen, A, B, m, d, b), (base, x, m, d, b))

@@ -1,0 +1,77 @@
+"""Small models and references shared by the torch backend tests."""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")  # also skips --doctest-modules collection without torch
+
+from torch import nn  # noqa: E402
+
+
+class Conv1D(nn.Module):
+    """transformers' GPT-2 ``Conv1D`` layout (weight (in, out)), without importing transformers."""
+
+    def __init__(self, nf: int, nx: int) -> None:
+        super().__init__()
+        self.nf = nf
+        self.weight = nn.Parameter(torch.randn(nx, nf) * 0.1)
+        self.bias = nn.Parameter(torch.randn(nf) * 0.1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).reshape(*x.shape[:-1], self.nf)
+
+
+class Int8Linear(nn.Module):
+    """A quantized linear-like layer: int8 weight buffer and scales, no ``weight`` parameter."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        scale = linear.weight.detach().abs().amax(dim=1, keepdim=True) / 127
+        self.register_buffer("qweight", torch.round(linear.weight.detach() / scale).to(torch.int8))
+        self.register_buffer("scale", scale)
+        self.bias = nn.Parameter(linear.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.linear(x, self.qweight.to(x.dtype) * self.scale.to(x.dtype), self.bias.to(x.dtype))
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.q_proj = nn.Linear(d, d)
+        self.v_proj = nn.Linear(d, d)
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x + self.v_proj(torch.tanh(self.q_proj(x)))
+        return h + self.down(torch.relu(self.up(h)))
+
+
+class TinyLM(nn.Module):
+    """Embedding, two blocks and an ``lm_head`` (excluded by "all-linear")."""
+
+    def __init__(self, d: int = 16, vocab: int = 11, n_layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, d)
+        self.layers = nn.ModuleList([Block(d) for _ in range(n_layers)])
+        self.lm_head = nn.Linear(d, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.embed(ids)
+        for layer in self.layers:
+            h = layer(h)
+        return self.lm_head(h)
+
+
+def randomize_vectors(model: nn.Module, seed: int = 0) -> None:
+    """Give every adapter vector random values (lambda_b starts at zero, which hides bugs)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "vera_" in name:
+                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * 0.5)
+            if "vera_magnitude" in name:
+                param.abs_().add_(0.5)
