@@ -66,7 +66,6 @@ class Library:
         self.rng = np.random.default_rng(0)
         if name == "torch":
             import array_api_compat.torch as xp
-
             import torch
 
             torch.set_num_threads(threads)

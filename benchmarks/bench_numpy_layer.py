@@ -35,8 +35,9 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def measure(cases: dict[str, Callable[[], Any]], sync: Callable[[], None], repeats: int,
-            warmup: int) -> dict[str, list[float]]:
+def measure(
+    cases: dict[str, Callable[[], Any]], sync: Callable[[], None], repeats: int, warmup: int
+) -> dict[str, list[float]]:
     """Seconds per call of each case; the cases take turns, so load drifts hit them alike."""
     for step in cases.values():
         for _ in range(warmup):
@@ -57,9 +58,9 @@ def main() -> None:
     for variable in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         os.environ[variable] = str(args.threads)  # before NumPy loads its BLAS
     import numpy as np
-    from vera_numpy import DVoraLinear, VeraLinear
 
     import vera_core as vc
+    from vera_numpy import DVoraLinear, VeraLinear
 
     if args.backend == "cupy":
         import array_api_compat.cupy as xp
@@ -114,13 +115,17 @@ def main() -> None:
     medians = {name: statistics.median(values) for name, values in times.items()}
     minima = {name: min(values) for name, values in times.items()}
     bare_name = next(iter(cases))
-    print(f"backend {args.backend} ({device_name}); tokens x in x out = {n} x {d} x {d}, r = {r}, float32; "
-          f"{args.repeats} interleaved repeats")
+    print(
+        f"backend {args.backend} ({device_name}); tokens x in x out = {n} x {d} x {d}, r = {r}, float32; "
+        f"{args.repeats} interleaved repeats"
+    )
     print("| layer | median (ms) | ratio | min (ms) | ratio |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name in cases:
-        print(f"| {name} | {medians[name] * 1e3:.1f} | {medians[name] / medians[bare_name]:.2f}x "
-              f"| {minima[name] * 1e3:.1f} | {minima[name] / minima[bare_name]:.2f}x |")
+        print(
+            f"| {name} | {medians[name] * 1e3:.1f} | {medians[name] / medians[bare_name]:.2f}x "
+            f"| {minima[name] * 1e3:.1f} | {minima[name] / minima[bare_name]:.2f}x |"
+        )
 
 
 if __name__ == "__main__":

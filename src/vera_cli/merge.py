@@ -126,14 +126,14 @@ def merge_weights(base: dict[str, np.ndarray], adapter: LoadedAdapter) -> dict[s
         weight = base[target + _WEIGHT]
         if sizes[name] > A.shape[1]:
             raise CliError(f"layer {name} has {sizes[name]} inputs but the projections have max_in={A.shape[1]}")
-        layout = spec.fan_in_fan_out
+        transposed = spec.fan_in_fan_out
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is then refused by safe=True
                 if config.method == "dvora":
                     magnitude = adapter.vectors[f"{name}.magnitude"]
-                    result, _ = dvora_merge(weight, A, B, magnitude, d, b, fan_in_fan_out=layout, safe=True)
+                    result, _ = dvora_merge(weight, A, B, magnitude, d, b, fan_in_fan_out=transposed, safe=True)
                 else:
-                    result = vera_merge(weight, A, B, d, b, fan_in_fan_out=layout, safe=True)
+                    result = vera_merge(weight, A, B, d, b, fan_in_fan_out=transposed, safe=True)
         except (ValueError, TypeError) as error:
             if "NaN or infinity" in str(error):
                 raise CliError(f"layer {name}: the merged weight holds NaN or infinity; refusing to merge") from error

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib
 import json
 import os
 import tempfile
@@ -169,13 +170,10 @@ def check_tensors(config: AdapterConfig, tensors: Mapping[str, Any]) -> None:
 
 
 def safetensors_module(framework: str) -> Any:
-    if framework == "numpy":
-        import safetensors.numpy as module
-    elif framework == "torch":
-        import safetensors.torch as module
-    else:
+    """The safetensors reader/writer module for ``framework`` ("numpy" or "torch")."""
+    if framework not in ("numpy", "torch"):
         raise ValueError(f"framework must be 'numpy' or 'torch', got {framework!r}")
-    return module
+    return importlib.import_module(f"safetensors.{framework}")
 
 
 def write_atomically(path: str | os.PathLike[str], write: Any) -> None:
@@ -253,7 +251,9 @@ def read_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
         raise AdapterFileError(f"{path} is not a readable safetensors file: {error}") from error
 
 
-def load_adapter_file(path: str | os.PathLike[str], *, framework: str = "numpy") -> tuple[AdapterConfig, dict[str, Any]]:
+def load_adapter_file(
+    path: str | os.PathLike[str], *, framework: str = "numpy"
+) -> tuple[AdapterConfig, dict[str, Any]]:
     """Read and validate an adapter file; return its config and host tensors.
 
     Raises AdapterFileError when the file is not a vera-core adapter, its format version

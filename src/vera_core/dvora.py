@@ -124,9 +124,7 @@ def dvora_precompute(weight: Any, A: Any, rank: int, *, fan_in_fan_out: bool = F
     check_ndim("A", A, 2, "the shared matrix A (rank x max_in)")
     _, in_features = lr.weight_shape(weight, fan_in_fan_out)
     if rank > A.shape[0] or in_features > A.shape[1]:
-        raise ValueError(
-            f"the layer needs A[:{rank}, :{in_features}] but the shared A has shape {tuple(A.shape)}"
-        )
+        raise ValueError(f"the layer needs A[:{rank}, :{in_features}] but the shared A has shape {tuple(A.shape)}")
     work = lr.wider(xp, weight.dtype, A.dtype)
     W0 = lr.cast(xp, weight, work)
     A_s = lr.cast(xp, A[:rank, :in_features], work)
@@ -144,11 +142,7 @@ def _gram_norm(xp: Any, frozen: DvoraFrozen, C: Any) -> Any:
     proj = frozen.weight_proj
     work = proj.dtype
     Cw = lr.cast(xp, C, work)
-    sq = (
-        frozen.weight_sq_norm
-        + 2.0 * xp.sum(proj * Cw, axis=1)
-        + xp.sum(xp.matmul(Cw, frozen.gram) * Cw, axis=1)
-    )
+    sq = frozen.weight_sq_norm + 2.0 * xp.sum(proj * Cw, axis=1) + xp.sum(xp.matmul(Cw, frozen.gram) * Cw, axis=1)
     # maximum, not clip: array-api-compat's clip synchronises CuPy (boolean indexing)
     tiny = xp.asarray(float(xp.finfo(work).smallest_normal), dtype=work, device=device_of(sq))
     return xp.sqrt(xp.maximum(sq, tiny))
@@ -177,9 +171,7 @@ def dvora_norm(frozen: DvoraFrozen, B: Any, lambda_d: Any, lambda_b: Any) -> Any
     return _gram_norm(xp, frozen, C)
 
 
-def dense_norm(
-    weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False
-) -> Any:
+def dense_norm(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False) -> Any:
     """``||W0 + dW||`` per output row, forming ``dW``: the reference for :func:`dvora_norm`.
 
     Examples
@@ -193,9 +185,7 @@ def dense_norm(
     return _direction(weight, A, B, lambda_d, lambda_b, fan_in_fan_out)[1]
 
 
-def _direction(
-    weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, fan_in_fan_out: bool
-) -> tuple[Any, Any, Any]:
+def _direction(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, fan_in_fan_out: bool) -> tuple[Any, Any, Any]:
     """``(V, n, xp)``: ``V = W0 + dW`` in the working dtype, its row norms."""
     out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
     xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, extra={"weight": weight})
@@ -268,7 +258,12 @@ def dvora_forward(
     True
     """
     xp, shape = check_adapter(
-        A, B, lambda_d, lambda_b, x.shape[-1] if x.ndim else 0, activation_dtype=x.dtype,
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        x.shape[-1] if x.ndim else 0,
+        activation_dtype=x.dtype,
         extra={"x": x, "base": base, "magnitude": magnitude, "bias": bias, "dropout_mask": dropout_mask},
     )
     check_activations("x", x, shape.in_features, "in_features on the last axis")
@@ -353,7 +348,12 @@ def dvora_backward(
     check_positive_int("in_features", in_features)
     u, z, norm = saved
     xp, shape = check_adapter(
-        A, B, lambda_d, lambda_b, in_features, activation_dtype=grad_y.dtype,
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        in_features,
+        activation_dtype=grad_y.dtype,
         extra={"grad_y": grad_y, "u": u, "z": z, "magnitude": magnitude, "dropout_mask": dropout_mask},
     )
     check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")

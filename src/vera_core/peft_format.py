@@ -24,9 +24,9 @@ from vera_core.adapter_file import (
     AdapterConfig,
     AdapterFileError,
     LayerSpec,
-    safetensors_module,
     check_tensors,
     projection_checksum,
+    safetensors_module,
     write_atomically,
 )
 
@@ -51,9 +51,7 @@ def _to_host(array: Any) -> Any:
     return array.detach().float().numpy() if hasattr(array, "detach") else array
 
 
-def read_peft_folder(
-    path: str | os.PathLike[str], *, framework: str = "numpy"
-) -> tuple[AdapterConfig, dict[str, Any]]:
+def read_peft_folder(path: str | os.PathLike[str], *, framework: str = "numpy") -> tuple[AdapterConfig, dict[str, Any]]:
     """Read a PEFT VeRA adapter folder as a vera-core config and tensors.
 
     Parameters
@@ -133,9 +131,7 @@ def read_peft_folder(
         bias=str(peft.get("bias", "none")),
         prng_id=PEFT_PRNG_ID,
         prng_version=1,
-        projections_sha256=(
-            projection_checksum(*(_to_host(tensors[k]) for k in PROJECTION_KEYS)) if stored else None
-        ),
+        projections_sha256=(projection_checksum(*(_to_host(tensors[k]) for k in PROJECTION_KEYS)) if stored else None),
         target_modules=peft.get("target_modules"),
         extra={"peft_config": peft},
     )
@@ -193,7 +189,11 @@ def write_peft_folder(
     """
     if config.method != "vera":
         raise AdapterFileError(f"PEFT has no {config.method.upper()}; only VeRA adapters can be exported to PEFT")
-    if config.max_in is None or tuple(A.shape) != (config.r, config.max_in) or tuple(B.shape) != (config.max_out, config.r):
+    if (
+        config.max_in is None
+        or tuple(A.shape) != (config.r, config.max_in)
+        or tuple(B.shape) != (config.max_out, config.r)
+    ):
         raise AdapterFileError(
             f"projections of shape {tuple(A.shape)} and {tuple(B.shape)} do not fit r={config.r}, "
             f"max_in={config.max_in}, max_out={config.max_out}"

@@ -79,9 +79,7 @@ def _is_cpu(device: Any) -> bool:
     return device is None or "cpu" in str(device).lower()
 
 
-def _element_values(
-    ops: WordOps, key: tuple[int, int], rows: range, cols: int, bound: Any, float64: bool
-) -> Any:
+def _element_values(ops: WordOps, key: tuple[int, int], rows: range, cols: int, bound: Any, float64: bool) -> Any:
     xp = ops.xp
     column = xp.reshape(ops.arange(0, cols), (1, cols))
     row = xp.reshape(ops.arange(rows.start, rows.stop), (len(rows), 1))

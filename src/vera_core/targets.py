@@ -84,7 +84,8 @@ def select_targets(
         if not isinstance(target_modules, str) and not target_modules:
             raise ValueError("target_modules is empty: name the layers to adapt, or pass 'all-linear'")
         chosen = [
-            n for n in names
+            n
+            for n in names
             if matches(n, target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern)
         ]
     if not chosen:

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from vera_core import _lowrank as lr
-from vera_core.linear import linear, linear_input_grad
 from vera_core._validation import (
     check_activations,
     check_adapter,
@@ -24,6 +23,7 @@ from vera_core._validation import (
     check_positive_int,
     check_same_shape,
 )
+from vera_core.linear import linear, linear_input_grad
 
 
 class VeraGrads(NamedTuple):
@@ -88,8 +88,13 @@ def vera_forward(
     ((2, 6), (2, 4), True)
     """
     xp, shape = check_adapter(
-        A, B, lambda_d, lambda_b, x.shape[-1] if x.ndim else 0,
-        activation_dtype=x.dtype, extra={"x": x, "base": base, "dropout_mask": dropout_mask},
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        x.shape[-1] if x.ndim else 0,
+        activation_dtype=x.dtype,
+        extra={"x": x, "base": base, "dropout_mask": dropout_mask},
     )
     check_activations("x", x, shape.in_features, "in_features on the last axis")
     _check_mask(dropout_mask, tuple(x.shape))
@@ -154,8 +159,13 @@ def vera_backward(
     """
     check_positive_int("in_features", in_features)
     xp, shape = check_adapter(
-        A, B, lambda_d, lambda_b, in_features,
-        activation_dtype=grad_y.dtype, extra={"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask},
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        in_features,
+        activation_dtype=grad_y.dtype,
+        extra={"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask},
     )
     check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
     check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
@@ -290,7 +300,9 @@ def dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int
     """
     passes = 2 if backward else 1
     factored = tokens * rank * ((2 * in_features + 3 * out_features) if backward else (in_features + out_features))
-    dense = passes * out_features * rank * in_features + tokens * rank * (in_features + (out_features if backward else 0))
+    dense = passes * out_features * rank * in_features + tokens * rank * (
+        in_features + (out_features if backward else 0)
+    )
     return dense < factored
 
 
@@ -339,8 +351,13 @@ def vera_forward_dense(
     True
     """
     xp, shape = check_adapter(
-        A, B, lambda_d, lambda_b, x.shape[-1] if x.ndim else 0,
-        activation_dtype=x.dtype, extra={"x": x, "weight": weight, "bias": bias},
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        x.shape[-1] if x.ndim else 0,
+        activation_dtype=x.dtype,
+        extra={"x": x, "weight": weight, "bias": bias},
     )
     _check_dense_dtype(xp, x.dtype)
     merged = lr.cast(xp, merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), x.dtype)
@@ -378,8 +395,13 @@ def vera_backward_dense(
     """
     out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
     xp, shape = check_adapter(
-        A, B, lambda_d, lambda_b, in_features,
-        activation_dtype=grad_y.dtype, extra={"grad_y": grad_y, "u": u, "weight": weight},
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        in_features,
+        activation_dtype=grad_y.dtype,
+        extra={"grad_y": grad_y, "u": u, "weight": weight},
     )
     _check_dense_dtype(xp, grad_y.dtype)
     if shape.out_features != out_features:

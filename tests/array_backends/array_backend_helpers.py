@@ -70,5 +70,6 @@ def weight_dict(xp: Any, seed: int = 0, fan_in_fan_out: bool = False) -> dict[st
 def train_a_little(xp: Any, model: Any, seed: int = 1) -> None:
     """Set every parameter to random values (a stand-in for training)."""
     rng = np.random.default_rng(seed)
-    model.load_parameters({name: from_numpy(xp, rng.uniform(0.5, 1.5, p.shape))
-                           for name, p in model.parameters().items()})
+    model.load_parameters(
+        {name: from_numpy(xp, rng.uniform(0.5, 1.5, p.shape)) for name, p in model.parameters().items()}
+    )

@@ -70,8 +70,9 @@ class Counter:
         return counted
 
 
-def training_step(model: AdaptedModel, net: Sequential, optimizer: AdamW, schedule: WarmupCosine, X: Any,
-                  labels: Any, step: int) -> Any:
+def training_step(
+    model: AdaptedModel, net: Sequential, optimizer: AdamW, schedule: WarmupCosine, X: Any, labels: Any, step: int
+) -> Any:
     model.zero_grad()
     loss, dlogits = softmax_cross_entropy(net.forward(X), labels)
     net.backward(dlogits, input_grad=False)
@@ -89,8 +90,7 @@ CORE_CLIP_SYNC = pytest.mark.xfail(
 
 
 @pytest.mark.parametrize("dvora", [False, pytest.param(True, marks=CORE_CLIP_SYNC)])
-def test_training_stays_on_the_device(cupy: Any, vera_cupy: Any, monkeypatch: pytest.MonkeyPatch,
-                                      dvora: bool) -> None:
+def test_training_stays_on_the_device(cupy: Any, vera_cupy: Any, monkeypatch: pytest.MonkeyPatch, dvora: bool) -> None:
     model = vera_cupy.add_vera(host_weights(), "all-linear", r=4, dvora=dvora, bias="vera_only", dropout=0.1)
     net = Sequential({"a": model.layer("enc.0.fc"), "act": ReLU(), "b": model.layer("enc.1.fc")})
     rng = np.random.default_rng(0)
@@ -130,14 +130,17 @@ def test_files_move_between_cupy_and_numpy(cupy: Any, vera_cupy: Any, tmp_path: 
     on_cpu = AdaptedModel.load(tmp_path / "gpu.safetensors", weights)
     x = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
     expected = on_cpu.layer("enc.0.fc").forward(x)
-    np.testing.assert_allclose(on_gpu.layer("enc.0.fc").forward(cupy.asarray(x)).get(), expected, rtol=1e-5,
-                               atol=1e-5)
+    np.testing.assert_allclose(on_gpu.layer("enc.0.fc").forward(cupy.asarray(x)).get(), expected, rtol=1e-5, atol=1e-5)
 
     cpu_model = add_vera(weights, ["fc"], r=4, seed=8)
     train_a_little(nxp, cpu_model, seed=2)
     cpu_model.save(tmp_path / "cpu.safetensors")
     gpu_model = vera_cupy.load_adapter(tmp_path / "cpu.safetensors", weights)
-    np.testing.assert_allclose(gpu_model.layer("enc.0.fc").forward(cupy.asarray(x)).get(),
-                               cpu_model.layer("enc.0.fc").forward(x), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(
+        gpu_model.layer("enc.0.fc").forward(cupy.asarray(x)).get(),
+        cpu_model.layer("enc.0.fc").forward(x),
+        rtol=1e-5,
+        atol=1e-5,
+    )
     merged = gpu_model.merge()
     assert all(isinstance(v, cupy.ndarray) for v in merged.values())

@@ -47,8 +47,9 @@ def check_gradients(xp: Any, layer: Any, x: Any, rng: np.random.Generator, befor
     grads = layer.grads()
     assert sorted(grads) == sorted(layer.parameters())
     for name, param in layer.parameters().items():
-        np.testing.assert_allclose(to_numpy(grads[name]), numerical_grad(loss, param, xp), rtol=1e-6, atol=1e-8,
-                                   err_msg=name)
+        np.testing.assert_allclose(
+            to_numpy(grads[name]), numerical_grad(loss, param, xp), rtol=1e-6, atol=1e-8, err_msg=name
+        )
     np.testing.assert_allclose(to_numpy(grad_x), numerical_grad(loss, x, xp), rtol=1e-6, atol=1e-8, err_msg="x")
 
 
@@ -65,8 +66,9 @@ def test_vera_gradients(xp: Any, fan_in_fan_out: bool, train_bias: bool, rank: i
     rng = np.random.default_rng(1)
     A, B = projections(xp)
     weight = randn(xp, rng, *((5, 4) if fan_in_fan_out else (4, 5)))
-    layer = VeraLinear(weight, A, B, bias=randn(xp, rng, 4), rank=rank, train_bias=train_bias,
-                       fan_in_fan_out=fan_in_fan_out)
+    layer = VeraLinear(
+        weight, A, B, bias=randn(xp, rng, 4), rank=rank, train_bias=train_bias, fan_in_fan_out=fan_in_fan_out
+    )
     randomise(xp, layer, rng)
     check_gradients(xp, layer, randn(xp, rng, 3, 5), rng)
 
@@ -127,17 +129,25 @@ def test_eval_mode_disables_dropout(xp: Any) -> None:
 def test_sequential_gradients(xp: Any) -> None:
     rng = np.random.default_rng(7)
     A, B = projections(xp)
-    net = Sequential({
-        "fc1": Linear(randn(xp, rng, 6, 5), randn(xp, rng, 6)),
-        "act": ReLU(),
-        "vera": VeraLinear(randn(xp, rng, 5, 6), A, B, bias=randn(xp, rng, 5)),
-        "dvora": DVoraLinear(randn(xp, rng, 4, 5), A, B, bias=randn(xp, rng, 4), train_bias=True),
-    })
+    net = Sequential(
+        {
+            "fc1": Linear(randn(xp, rng, 6, 5), randn(xp, rng, 6)),
+            "act": ReLU(),
+            "vera": VeraLinear(randn(xp, rng, 5, 6), A, B, bias=randn(xp, rng, 5)),
+            "dvora": DVoraLinear(randn(xp, rng, 4, 5), A, B, bias=randn(xp, rng, 4), train_bias=True),
+        }
+    )
     randomise(xp, net.children["vera"], rng)
     randomise(xp, net.children["dvora"], rng)
     assert sorted(net.parameters()) == [
-        "dvora.bias", "dvora.lambda_b", "dvora.lambda_d", "dvora.magnitude",
-        "fc1.bias", "fc1.weight", "vera.lambda_b", "vera.lambda_d",
+        "dvora.bias",
+        "dvora.lambda_b",
+        "dvora.lambda_d",
+        "dvora.magnitude",
+        "fc1.bias",
+        "fc1.weight",
+        "vera.lambda_b",
+        "vera.lambda_d",
     ]
     check_gradients(xp, net, randn(xp, rng, 3, 5), rng)
 

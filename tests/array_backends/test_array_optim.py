@@ -39,8 +39,9 @@ def run(xp: Any, optimizer_class: Any, options: dict[str, Any], lr: float = 0.05
     return {name: to_numpy(value) for name, value in params.items()}
 
 
-def reference_sgd(lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0,
-                  nesterov: bool = False) -> dict[str, np.ndarray]:
+def reference_sgd(
+    lr: float, momentum: float = 0.0, dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False
+) -> dict[str, np.ndarray]:
     params, grads = start_and_grads()
     buffers: dict[str, np.ndarray] = {}
     for step_grads in grads:
@@ -53,8 +54,9 @@ def reference_sgd(lr: float, momentum: float = 0.0, dampening: float = 0.0, weig
     return params
 
 
-def reference_adamw(lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                    weight_decay: float = 1e-2) -> dict[str, np.ndarray]:
+def reference_adamw(
+    lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2
+) -> dict[str, np.ndarray]:
     params, grads = start_and_grads()
     m = {name: np.zeros(shape) for name, shape in SHAPES.items()}
     v = {name: np.zeros(shape) for name, shape in SHAPES.items()}
@@ -178,8 +180,9 @@ def test_optimiser_and_schedule_errors() -> None:
     with pytest.raises(ValueError, match=r"gradient 'w' has shape \(3,\)"):
         optimizer.step({"w": np.zeros(3)})
     with pytest.raises(KeyError, match="state for unknown parameters"):
-        optimizer.load_state_dict({"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0,
-                                   "state": {"v": {}}})
+        optimizer.load_state_dict(
+            {"lr": 0.1, "betas": (0.9, 0.99), "eps": 1e-8, "weight_decay": 0.0, "state": {"v": {}}}
+        )
     with pytest.raises(ValueError, match="warmup_steps < total_steps"):
         WarmupCosine(1.0, warmup_steps=5, total_steps=5)
     with pytest.raises(ValueError, match="no gradients"):

@@ -36,12 +36,14 @@ LAYERS = ("fc1", "fc2", "head")
 
 
 def mlp(layers: dict[str, Any]) -> Sequential:
-    return Sequential({"fc1": layers["fc1"], "act1": ReLU(), "fc2": layers["fc2"], "act2": ReLU(),
-                       "head": layers["head"]})
+    return Sequential(
+        {"fc1": layers["fc1"], "act1": ReLU(), "fc2": layers["fc2"], "act2": ReLU(), "head": layers["head"]}
+    )
 
 
-def train(net: Sequential, params: Any, X: np.ndarray, y: np.ndarray, steps: int, lr: float,
-          rng: np.random.Generator) -> None:
+def train(
+    net: Sequential, params: Any, X: np.ndarray, y: np.ndarray, steps: int, lr: float, rng: np.random.Generator
+) -> None:
     """Mini-batch AdamW with warmup + cosine and clipping; ``params`` is what is trained."""
     optimizer = AdamW(params.parameters(), lr=lr, weight_decay=0.0)
     schedule = WarmupCosine(lr, warmup_steps=10, total_steps=steps)
@@ -73,8 +75,12 @@ def digits() -> dict[str, Any]:
     net = mlp({name: Linear(weights[f"{name}.weight"], weights[f"{name}.bias"]) for name in LAYERS})
     train(net, net, old, old_y, steps=150, lr=1e-2, rng=rng)
     pretrained = net.parameters()  # "fc1.weight", "fc1.bias", ...: a weight dictionary
-    return {"pretrained": pretrained, "accuracy_old": accuracy(net.forward(old), old_y),
-            "train": (new[:half], new_y[:half]), "test": (new[half:], new_y[half:])}
+    return {
+        "pretrained": pretrained,
+        "accuracy_old": accuracy(net.forward(old), old_y),
+        "train": (new[:half], new_y[:half]),
+        "test": (new[half:], new_y[half:]),
+    }
 
 
 @pytest.mark.parametrize("dvora", [False, True])
@@ -94,8 +100,9 @@ def test_adapter_learns_new_digits(digits: dict[str, Any], dvora: bool, tmp_path
         np.testing.assert_array_equal(weights[name], value, err_msg=f"{name} changed")
 
     merged = model.merge()
-    merged_net = mlp({name: Linear(merged[f"{name}.weight"], merged[f"{name}.bias"], trainable=False)
-                      for name in LAYERS})
+    merged_net = mlp(
+        {name: Linear(merged[f"{name}.weight"], merged[f"{name}.bias"], trainable=False) for name in LAYERS}
+    )
     np.testing.assert_allclose(merged_net.forward(X_test), net.forward(X_test), rtol=1e-4, atol=1e-4)
     model.save(tmp_path / "digits.safetensors")
     reloaded = AdaptedModel.load(tmp_path / "digits.safetensors", weights)
@@ -104,8 +111,12 @@ def test_adapter_learns_new_digits(digits: dict[str, Any], dvora: bool, tmp_path
 
 def test_a_training_step_lowers_the_loss_on_every_namespace(xp: Any) -> None:
     rng = np.random.default_rng(3)
-    host = {"fc1.weight": rng.standard_normal((16, 8)), "fc1.bias": np.zeros(16),
-            "head.weight": rng.standard_normal((4, 16)), "head.bias": np.zeros(4)}
+    host = {
+        "fc1.weight": rng.standard_normal((16, 8)),
+        "fc1.bias": np.zeros(16),
+        "head.weight": rng.standard_normal((4, 16)),
+        "head.bias": np.zeros(4),
+    }
     weights = {name: xp.astype(from_numpy(xp, value), xp.float32) for name, value in host.items()}
     model = add_vera(weights, "all-linear", r=8, dvora=True, bias="vera_only", dropout=0.1)
     net = Sequential({"fc1": model.layer("fc1"), "act": ReLU(), "head": model.layer("head")})

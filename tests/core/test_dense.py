@@ -43,10 +43,15 @@ def test_dense_equals_factored(xp: Any, device: Any, dtype_name: str, fan_in_fan
     y_ref, u_ref = vc.vera_forward(p["x"], *vectors, base=base)
     dense = vc.vera_backward_dense(p["grad_y"], u, p["weight"], *vectors, fan_in_fan_out=fan_in_fan_out)
     factored = vc.vera_backward(p["grad_y"], u_ref, *vectors, in_features=SHAPE["in"])
-    grad_x_ref = to_numpy(factored.x) + to_numpy(vc.linear_input_grad(p["grad_y"], p["weight"], fan_in_fan_out=fan_in_fan_out))
+    grad_x_ref = to_numpy(factored.x) + to_numpy(
+        vc.linear_input_grad(p["grad_y"], p["weight"], fan_in_fan_out=fan_in_fan_out)
+    )
     eps = float(np.finfo(dtype_name).eps)
     pairs = [
-        (y, y_ref), (u, u_ref), (dense.lambda_d, factored.lambda_d), (dense.lambda_b, factored.lambda_b),
+        (y, y_ref),
+        (u, u_ref),
+        (dense.lambda_d, factored.lambda_d),
+        (dense.lambda_b, factored.lambda_b),
     ]
     for got, want in [*((to_numpy(a), to_numpy(b)) for a, b in pairs), (to_numpy(dense.x), grad_x_ref)]:
         scale = max(1.0, float(np.max(np.abs(want))))

@@ -6,9 +6,10 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch import nn  # noqa: E402
+
 import vera_torch as vt  # noqa: E402
 import vera_torch.layers as layers  # noqa: E402
-from torch import nn  # noqa: E402
 
 
 def _model(dropout: float = 0.0) -> nn.Module:

@@ -9,10 +9,10 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
+from torch import nn  # noqa: E402
 from torch_helpers import Conv1D, TinyLM, randomize_vectors  # noqa: E402
 
 import vera_torch as vt  # noqa: E402
-from torch import nn  # noqa: E402
 from vera_core.adapter_file import AdapterFileError, load_adapter_file, read_metadata, save_adapter_file  # noqa: E402
 
 

@@ -6,11 +6,11 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from torch import nn  # noqa: E402
 from torch_helpers import Conv1D, Int8Linear, TinyLM, randomize_vectors  # noqa: E402
 
 import vera_core as vc  # noqa: E402
 import vera_torch as vt  # noqa: E402
-from torch import nn  # noqa: E402
 from vera_torch.layers import VeraLinear  # noqa: E402
 
 

@@ -9,10 +9,10 @@ import pytest
 torch = pytest.importorskip("torch")  # also skips --doctest-modules collection without torch
 
 import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
 from torch_helpers import TinyLM  # noqa: E402
 
 import vera_torch as vt  # noqa: E402
-from torch import nn  # noqa: E402
 
 STEPS = 5
 GLOBAL_BATCH = 8

@@ -27,13 +27,17 @@ class Container:
 
     def parameters(self) -> dict[str, Any]:
         """Every child's trainable arrays, as ``"<child>.<name>"``."""
-        return {f"{child}.{name}": value for child, layer in self.children.items()
-                for name, value in layer.parameters().items()}
+        return {
+            f"{child}.{name}": value
+            for child, layer in self.children.items()
+            for name, value in layer.parameters().items()
+        }
 
     def grads(self) -> dict[str, Any]:
         """Every child's accumulated gradients, as ``"<child>.<name>"``."""
-        return {f"{child}.{name}": value for child, layer in self.children.items()
-                for name, value in layer.grads().items()}
+        return {
+            f"{child}.{name}": value for child, layer in self.children.items() for name, value in layer.grads().items()
+        }
 
     def zero_grad(self) -> None:
         """Forget every child's gradients."""
@@ -79,7 +83,8 @@ class Sequential(Container):
 
     def __init__(self, *layers: Layer | Mapping[str, Layer]) -> None:
         named: dict[str, Any] = (
-            dict(layers[0]) if len(layers) == 1 and isinstance(layers[0], Mapping)
+            dict(layers[0])
+            if len(layers) == 1 and isinstance(layers[0], Mapping)
             else {str(i): layer for i, layer in enumerate(layers)}
         )
         for name, layer in named.items():

@@ -29,8 +29,15 @@ def projections(config: AdapterConfig, backend: Backend) -> tuple[Any, Any]:
     """The config's shared float32 projections, generated on the backend's device."""
     if config.max_in is None:
         raise AdapterFileError("the adapter gives no max_in, so its projections cannot be regenerated")
-    return vc.generate_projections(config.seed, config.r, config.max_in, config.max_out,
-                                   xp=backend.xp, dtype=backend.xp.float32, device=backend.device)
+    return vc.generate_projections(
+        config.seed,
+        config.r,
+        config.max_in,
+        config.max_out,
+        xp=backend.xp,
+        dtype=backend.xp.float32,
+        device=backend.device,
+    )
 
 
 def save(

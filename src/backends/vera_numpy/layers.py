@@ -263,8 +263,13 @@ class AdaptedLinear(Layer):
         xp = self.xp
         flat = _flat(xp, x)
         uniform = vc.kaiming_uniform(
-            self.seed * 2**32 + self._draws, MATRIX_A, tuple(flat.shape), 6,  # fan_in 6: uniform on [-1, 1)
-            xp=xp, dtype=x.dtype, device=self.device,
+            self.seed * 2**32 + self._draws,
+            MATRIX_A,
+            tuple(flat.shape),
+            6,  # fan_in 6: uniform on [-1, 1)
+            xp=xp,
+            dtype=x.dtype,
+            device=self.device,
         )
         self._draws += 1
         keep = xp.astype(uniform >= 2.0 * self.dropout - 1.0, x.dtype) / (1.0 - self.dropout)
@@ -325,20 +330,40 @@ class VeraLinear(AdaptedLinear):
         dropout: float = 0.0,
         seed: int = 0,
     ) -> None:
-        super().__init__(weight, A, B, bias=bias, rank=rank, d_initial=d_initial, train_bias=train_bias,
-                         fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed)
+        super().__init__(
+            weight,
+            A,
+            B,
+            bias=bias,
+            rank=rank,
+            d_initial=d_initial,
+            train_bias=train_bias,
+            fan_in_fan_out=fan_in_fan_out,
+            dropout=dropout,
+            seed=seed,
+        )
         self._u: Any = None
 
     def forward(self, x: Any) -> Any:
         base = vc.linear(x, self.weight, self.bias, fan_in_fan_out=self.fan_in_fan_out)
         self._mask = self._dropout_mask(x)
-        y, self._u = vc.vera_forward(x, self.A, self.B, self.lambda_d, self.lambda_b, base=base,
-                                     dropout_mask=self._mask)
+        y, self._u = vc.vera_forward(
+            x, self.A, self.B, self.lambda_d, self.lambda_b, base=base, dropout_mask=self._mask
+        )
         return y
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
-        grads = vc.vera_backward(grad_y, self._saved(self._u), self.A, self.B, self.lambda_d, self.lambda_b,
-                                 in_features=self.in_features, dropout_mask=self._mask, input_grad=input_grad)
+        grads = vc.vera_backward(
+            grad_y,
+            self._saved(self._u),
+            self.A,
+            self.B,
+            self.lambda_d,
+            self.lambda_b,
+            in_features=self.in_features,
+            dropout_mask=self._mask,
+            input_grad=input_grad,
+        )
         self._accumulate("lambda_d", grads.lambda_d)
         self._accumulate("lambda_b", grads.lambda_b)
         if self.train_bias:
@@ -385,12 +410,21 @@ class DVoraLinear(AdaptedLinear):
         seed: int = 0,
         detach_norm: bool = False,
     ) -> None:
-        super().__init__(weight, A, B, bias=bias, rank=rank, d_initial=d_initial, train_bias=train_bias,
-                         fan_in_fan_out=fan_in_fan_out, dropout=dropout, seed=seed)
+        super().__init__(
+            weight,
+            A,
+            B,
+            bias=bias,
+            rank=rank,
+            d_initial=d_initial,
+            train_bias=train_bias,
+            fan_in_fan_out=fan_in_fan_out,
+            dropout=dropout,
+            seed=seed,
+        )
         self.detach_norm = detach_norm
         self.frozen = vc.dvora_precompute(weight, A, self.rank, fan_in_fan_out=fan_in_fan_out)
-        self._params["magnitude"] = vc.initial_magnitude(weight, fan_in_fan_out=fan_in_fan_out,
-                                                         dtype=self.vector_dtype)
+        self._params["magnitude"] = vc.initial_magnitude(weight, fan_in_fan_out=fan_in_fan_out, dtype=self.vector_dtype)
         self._state: Any = None
 
     @property
@@ -401,15 +435,36 @@ class DVoraLinear(AdaptedLinear):
     def forward(self, x: Any) -> Any:
         base = vc.linear(x, self.weight, fan_in_fan_out=self.fan_in_fan_out)
         self._mask = self._dropout_mask(x)
-        y, self._state = vc.dvora_forward(x, base, self.frozen, self.A, self.B, self.magnitude, self.lambda_d,
-                                          self.lambda_b, bias=self.bias, dropout_mask=self._mask)
+        y, self._state = vc.dvora_forward(
+            x,
+            base,
+            self.frozen,
+            self.A,
+            self.B,
+            self.magnitude,
+            self.lambda_d,
+            self.lambda_b,
+            bias=self.bias,
+            dropout_mask=self._mask,
+        )
         return y
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
-        grads = vc.dvora_backward(grad_y, self._saved(self._state), self.frozen, self.A, self.B, self.magnitude,
-                                  self.lambda_d, self.lambda_b, in_features=self.in_features,
-                                  detach_norm=self.detach_norm, has_bias=self.train_bias,
-                                  dropout_mask=self._mask, input_grad=input_grad)
+        grads = vc.dvora_backward(
+            grad_y,
+            self._saved(self._state),
+            self.frozen,
+            self.A,
+            self.B,
+            self.magnitude,
+            self.lambda_d,
+            self.lambda_b,
+            in_features=self.in_features,
+            detach_norm=self.detach_norm,
+            has_bias=self.train_bias,
+            dropout_mask=self._mask,
+            input_grad=input_grad,
+        )
         self._accumulate("lambda_d", grads.lambda_d)
         self._accumulate("lambda_b", grads.lambda_b)
         self._accumulate("magnitude", grads.magnitude)

@@ -48,8 +48,10 @@ class Optimizer:
     def state_dict(self) -> dict[str, Any]:
         """Hyperparameters and a copy of the per-parameter state (arrays stay on their device)."""
         state = {
-            name: {key: value if isinstance(value, int) else array_namespace(value).asarray(value, copy=True)
-                   for key, value in entries.items()}
+            name: {
+                key: value if isinstance(value, int) else array_namespace(value).asarray(value, copy=True)
+                for key, value in entries.items()
+            }
             for name, entries in self.state.items()
         }
         return {**{key: getattr(self, key) for key in self.hyperparameters}, "state": state}

@@ -39,8 +39,9 @@ def linear_layers(weights: Mapping[str, Any]) -> list[str]:
     >>> linear_layers({"fc.weight": np.zeros((2, 3)), "fc.bias": np.zeros(2), "ln.weight": np.zeros(3)})
     ['fc']
     """
-    return [key[: -len(WEIGHT_SUFFIX)] for key, value in weights.items()
-            if key.endswith(WEIGHT_SUFFIX) and value.ndim == 2]
+    return [
+        key[: -len(WEIGHT_SUFFIX)] for key, value in weights.items() if key.endswith(WEIGHT_SUFFIX) and value.ndim == 2
+    ]
 
 
 def _features(weight: Any, fan_in_fan_out: bool) -> tuple[int, int]:
@@ -106,9 +107,17 @@ class AdaptedModel(Container):
             options: dict[str, Any] = {"detach_norm": detach_norm} if config.method == "dvora" else {}
             layer_class = DVoraLinear if config.method == "dvora" else VeraLinear
             children[name] = layer_class(
-                weight, A, B, bias=self.weights.get(name + BIAS_SUFFIX), rank=spec.rank, d_initial=config.d_initial,
-                train_bias=config.bias != "none", fan_in_fan_out=spec.fan_in_fan_out, dropout=config.dropout,
-                seed=(dropout_seed + index) % 2**32, **options,
+                weight,
+                A,
+                B,
+                bias=self.weights.get(name + BIAS_SUFFIX),
+                rank=spec.rank,
+                d_initial=config.d_initial,
+                train_bias=config.bias != "none",
+                fan_in_fan_out=spec.fan_in_fan_out,
+                dropout=config.dropout,
+                seed=(dropout_seed + index) % 2**32,
+                **options,
             )
         super().__init__(children)
         self.adapted = children
@@ -133,8 +142,12 @@ class AdaptedModel(Container):
                     f"all: {', '.join(linear_layers(self.weights))}"
                 )
             fan_in_fan_out = next(iter(self.config.layers.values())).fan_in_fan_out
-            self._frozen[name] = Linear(self.weights[name + WEIGHT_SUFFIX], self.weights.get(name + BIAS_SUFFIX),
-                                        trainable=False, fan_in_fan_out=fan_in_fan_out)
+            self._frozen[name] = Linear(
+                self.weights[name + WEIGHT_SUFFIX],
+                self.weights.get(name + BIAS_SUFFIX),
+                trainable=False,
+                fan_in_fan_out=fan_in_fan_out,
+            )
         return self._frozen[name]
 
     def _layer_weight(self, weights: Mapping[str, Any], name: str) -> Any:
@@ -159,10 +172,12 @@ class AdaptedModel(Container):
             fan = layer.fan_in_fan_out
             if isinstance(layer, DVoraLinear):
                 merged[name + WEIGHT_SUFFIX], self._merge_norms[name] = vc.dvora_merge(
-                    weight, self.A, self.B, layer.magnitude, layer.lambda_d, layer.lambda_b, fan_in_fan_out=fan)
+                    weight, self.A, self.B, layer.magnitude, layer.lambda_d, layer.lambda_b, fan_in_fan_out=fan
+                )
             else:
-                merged[name + WEIGHT_SUFFIX] = vc.merge(weight, self.A, self.B, layer.lambda_d, layer.lambda_b,
-                                                        fan_in_fan_out=fan)
+                merged[name + WEIGHT_SUFFIX] = vc.merge(
+                    weight, self.A, self.B, layer.lambda_d, layer.lambda_b, fan_in_fan_out=fan
+                )
             if layer.train_bias:
                 original = self.weights[name + BIAS_SUFFIX]
                 merged[name + BIAS_SUFFIX] = self.backend.xp.astype(layer.bias, original.dtype)
@@ -181,19 +196,28 @@ class AdaptedModel(Container):
                 if name not in self._merge_norms:
                     raise ValueError(f"DVoRA unmerge needs the norms of a merge: call merge() first (layer {name!r})")
                 restored[name + WEIGHT_SUFFIX] = vc.dvora_unmerge(
-                    weight, self._merge_norms[name], self.A, self.B, layer.magnitude, layer.lambda_d,
-                    layer.lambda_b, fan_in_fan_out=fan)
+                    weight,
+                    self._merge_norms[name],
+                    self.A,
+                    self.B,
+                    layer.magnitude,
+                    layer.lambda_d,
+                    layer.lambda_b,
+                    fan_in_fan_out=fan,
+                )
             else:
-                restored[name + WEIGHT_SUFFIX] = vc.unmerge(weight, self.A, self.B, layer.lambda_d, layer.lambda_b,
-                                                            fan_in_fan_out=fan)
+                restored[name + WEIGHT_SUFFIX] = vc.unmerge(
+                    weight, self.A, self.B, layer.lambda_d, layer.lambda_b, fan_in_fan_out=fan
+                )
             if layer.train_bias:
                 restored[name + BIAS_SUFFIX] = self.weights[name + BIAS_SUFFIX]
         return restored
 
     def save(self, path: str | os.PathLike[str], *, save_projections: bool = False) -> None:
         """Write the adapter file (vectors, config, projection checksum; projections if asked)."""
-        files.save(path, self.config, self.parameters(), self.A, self.B, self.backend,
-                   save_projections=save_projections)
+        files.save(
+            path, self.config, self.parameters(), self.A, self.B, self.backend, save_projections=save_projections
+        )
 
     @classmethod
     def load(
@@ -288,14 +312,21 @@ def add_vera(
     candidates = linear_layers(weights)
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         candidates = [name for name in candidates if name.split(".")[-1] != OUTPUT_HEAD]
-    names = select_targets(candidates, target_modules, layers_to_transform=layers_to_transform,
-                           layers_pattern=layers_pattern)
+    names = select_targets(
+        candidates, target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
+    )
     sizes = {name: _features(weights[name + WEIGHT_SUFFIX], fan_in_fan_out) for name in names}
     specs = {name: LayerSpec(out_f, r, in_f, fan_in_fan_out) for name, (out_f, in_f) in sizes.items()}
     config = AdapterConfig(
-        r=r, seed=seed, max_in=max(in_f for _, in_f in sizes.values()),
-        max_out=max(out_f for out_f, _ in sizes.values()), layers=specs, method="dvora" if dvora else "vera",
-        d_initial=d_initial, dropout=dropout, bias=bias,
+        r=r,
+        seed=seed,
+        max_in=max(in_f for _, in_f in sizes.values()),
+        max_out=max(out_f for out_f, _ in sizes.values()),
+        layers=specs,
+        method="dvora" if dvora else "vera",
+        d_initial=d_initial,
+        dropout=dropout,
+        bias=bias,
         target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
         extra={"framework": "numpy", **({"detach_norm": detach_norm} if dvora else {})},
     )

@@ -13,6 +13,7 @@ from typing import Any
 
 import torch
 from torch import nn
+
 from vera_core.adapter_file import (
     PROJECTION_KEYS,
     AdapterConfig,

@@ -18,6 +18,7 @@ autograd and receives its gradient from the Function's backward.
 from __future__ import annotations
 
 import torch
+
 import vera_core as vc
 
 __all__ = ["DvoraFunction", "VeraDenseFunction", "VeraFunction", "dvora", "vera", "vera_dense"]
@@ -77,8 +78,15 @@ class VeraDenseFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         u, weight, A, B, lambda_d, lambda_b = ctx.saved_tensors
         grads = vc.vera_backward_dense(
-            grad_y, u, weight, A, B, lambda_d, lambda_b,
-            fan_in_fan_out=ctx.fan_in_fan_out, input_grad=ctx.needs_input_grad[0],
+            grad_y,
+            u,
+            weight,
+            A,
+            B,
+            lambda_d,
+            lambda_b,
+            fan_in_fan_out=ctx.fan_in_fan_out,
+            input_grad=ctx.needs_input_grad[0],
         )
         return grads.x, None, None, None, None, grads.lambda_d, grads.lambda_b, None
 

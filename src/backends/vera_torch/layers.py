@@ -16,11 +16,11 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+import torch
+from torch import nn
 from torch.nn import functional
 
-import torch
 import vera_core as vc
-from torch import nn
 from vera_torch.functional import dvora, vera, vera_dense
 from vera_torch.projections import ProjectionKey, ProjectionStore
 

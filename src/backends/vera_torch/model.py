@@ -16,8 +16,9 @@ from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
-import vera_core as vc
 from torch import nn
+
+import vera_core as vc
 from vera_core.targets import ALL_LINEAR, matches, select_targets
 from vera_torch.layers import BASE_ADAPTER, LayerAdapter, SharedState, VeraLinear, layer_dims
 from vera_torch.projections import ProjectionKey, ProjectionStore

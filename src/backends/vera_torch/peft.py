@@ -14,6 +14,7 @@ import dataclasses
 import os
 
 from torch import nn
+
 from vera_core.adapter_file import PROJECTION_KEYS, AdapterConfig, AdapterFileError, LayerSpec
 from vera_core.peft_format import read_peft_folder, write_peft_folder
 from vera_torch.files import _load_into, _match_layers, adapter_config, adapter_tensors
@@ -47,10 +48,12 @@ def load_peft_adapter(
     config, tensors = read_peft_folder(folder, framework="torch")
     targets = _match_layers(model, config, source)
     layers = {}
+    in_sizes = []
     for path, spec in config.layers.items():
         n_in, n_out, fifo = layer_dims(targets[path])  # type: ignore[misc]
+        in_sizes.append(n_in)
         layers[path] = LayerSpec(out_features=n_out, rank=spec.rank, in_features=n_in, fan_in_fan_out=fifo)
-    max_in = config.max_in if config.max_in is not None else max(s.in_features for s in layers.values())
+    max_in = config.max_in if config.max_in is not None else max(in_sizes)
     if PROJECTION_KEYS[0] not in tensors:
         # PEFT sizes A and B over the targeted layers only, as here
         max_out = max(s.out_features for s in layers.values())

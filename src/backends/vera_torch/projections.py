@@ -13,9 +13,9 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import torch
 from array_api_compat import torch as xp_torch
 
-import torch
 import vera_core as vc
 from vera_core.adapter_file import projection_checksum
 from vera_core.peft_format import PEFT_PRNG_ID

@@ -48,7 +48,7 @@ class Setup:
 
     net: Any
     params: dict[str, Any]
-    save: Callable[[Path], None]
+    save: Callable[[Path], object]
     """Writes the trained parameters (the adapter, or the whole model for full fine-tuning)."""
     file_name: str
     lr: float

@@ -53,6 +53,7 @@ def engine(name: str) -> Engine:
         return Engine(methods.build, fit, evaluate, backend.from_host, backend.to_host)
     try:
         import torch
+
         from vera_cli.demo import torch_engine
     except ImportError as error:
         raise CliError(f"--backend torch needs PyTorch and vera_torch: {error}") from error

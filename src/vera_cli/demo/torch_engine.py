@@ -13,9 +13,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
 import torch
 from torch import nn
+
 from vera_cli.demo.methods import Settings, Setup
 from vera_cli.demo.models import LAYERS
 from vera_core.adapter_file import write_atomically
@@ -23,6 +23,10 @@ from vera_core.adapter_file import write_atomically
 
 class Mlp(nn.Module):
     """``fc1 -> ReLU -> fc2 -> ReLU -> head``, loaded from a weight dict."""
+
+    fc1: nn.Module
+    fc2: nn.Module
+    head: nn.Module
 
     def __init__(self, weights: Mapping[str, torch.Tensor]) -> None:
         super().__init__()
@@ -80,7 +84,7 @@ def build(method: str, weights: Mapping[str, Any], settings: Settings, to_host: 
     import vera_torch as vt
 
     lr = settings.learning_rates[method]
-    model = Mlp(weights)
+    model: nn.Module = Mlp(weights)
     if method == "full":
         return Setup(model, _trainable(model), _save_tensors(model.state_dict), "full.safetensors", lr)
     if method == "lora":

@@ -67,7 +67,6 @@ def _load_strict() -> tuple[Any, Any, Any]:
 
 def _load_torch() -> tuple[Any, Any, Any]:
     import array_api_compat.torch as xp
-
     import torch
 
     return xp, torch.device("cpu"), torch.device("meta")
@@ -75,7 +74,6 @@ def _load_torch() -> tuple[Any, Any, Any]:
 
 def _load_torch_cuda() -> tuple[Any, Any, Any]:
     import array_api_compat.torch as xp
-
     import torch
 
     if not torch.cuda.is_available():
