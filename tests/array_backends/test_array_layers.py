@@ -61,8 +61,13 @@ def test_linear_gradients(xp: Any, fan_in_fan_out: bool) -> None:
     check_gradients(xp, layer, randn(xp, rng, 2, 3, 6), rng)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["factored", "merged-weight"])
 @pytest.mark.parametrize(("fan_in_fan_out", "train_bias", "rank"), [(False, False, R), (True, True, 3)])
-def test_vera_gradients(xp: Any, fan_in_fan_out: bool, train_bias: bool, rank: int) -> None:
+def test_vera_gradients(
+    xp: Any, fan_in_fan_out: bool, train_bias: bool, rank: int, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both formulations of VeraLinear (the layer picks by cost; here forced) against finite differences."""
+    monkeypatch.setattr(vc, "dense_is_cheaper", lambda *args, **kwargs: dense)
     rng = np.random.default_rng(1)
     A, B = projections(xp)
     weight = randn(xp, rng, *((5, 4) if fan_in_fan_out else (4, 5)))

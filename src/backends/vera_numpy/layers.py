@@ -10,6 +10,7 @@ returns ``dL/dx``. The adapter math is the core's (:func:`vera_core.vera_forward
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -343,32 +344,69 @@ class VeraLinear(AdaptedLinear):
             seed=seed,
         )
         self._u: Any = None
+        self._dense = False
+
+    def _use_dense(self, x: Any) -> bool:
+        """The merged-weight formulation where it is valid (no dropout, float32+) and cheaper."""
+        if self._mask is not None or int(self.xp.finfo(x.dtype).bits) < 32:
+            return False
+        tokens = math.prod(x.shape[:-1])
+        return vc.dense_is_cheaper(tokens, self.in_features, self.out_features, self.lambda_d.shape[0])
 
     def forward(self, x: Any) -> Any:
-        base = vc.linear(x, self.weight, self.bias, fan_in_fan_out=self.fan_in_fan_out)
         self._mask = self._dropout_mask(x)
+        self._dense = self._use_dense(x)
+        if self._dense:
+            y, self._u = vc.vera_forward_dense(
+                x,
+                self.weight,
+                self.A,
+                self.B,
+                self.lambda_d,
+                self.lambda_b,
+                bias=self.bias,
+                fan_in_fan_out=self.fan_in_fan_out,
+            )
+            return y
+        base = vc.linear(x, self.weight, self.bias, fan_in_fan_out=self.fan_in_fan_out)
         y, self._u = vc.vera_forward(
             x, self.A, self.B, self.lambda_d, self.lambda_b, base=base, dropout_mask=self._mask
         )
         return y
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
-        grads = vc.vera_backward(
-            grad_y,
-            self._saved(self._u),
-            self.A,
-            self.B,
-            self.lambda_d,
-            self.lambda_b,
-            in_features=self.in_features,
-            dropout_mask=self._mask,
-            input_grad=input_grad,
-        )
+        u = self._saved(self._u)
+        if self._dense:
+            grads = vc.vera_backward_dense(
+                grad_y,
+                u,
+                self.weight,
+                self.A,
+                self.B,
+                self.lambda_d,
+                self.lambda_b,
+                fan_in_fan_out=self.fan_in_fan_out,
+                input_grad=input_grad,
+            )
+        else:
+            grads = vc.vera_backward(
+                grad_y,
+                u,
+                self.A,
+                self.B,
+                self.lambda_d,
+                self.lambda_b,
+                in_features=self.in_features,
+                dropout_mask=self._mask,
+                input_grad=input_grad,
+            )
         self._accumulate("lambda_d", grads.lambda_d)
         self._accumulate("lambda_b", grads.lambda_b)
         if self.train_bias:
             self._accumulate("bias", _token_sum(self.xp, grad_y, self.vector_dtype))
-        return self._base_input_grad(grad_y, grads.x) if input_grad else None
+        if not input_grad:
+            return None
+        return grads.x if self._dense else self._base_input_grad(grad_y, grads.x)
 
 
 class DVoraLinear(AdaptedLinear):
