@@ -4,7 +4,9 @@ Tensors (host arrays; every backend converts to and from NumPy):
 
 * ``<layer>.lambda_d`` (rank,), ``<layer>.lambda_b`` (out,) for every adapted layer;
 * ``<layer>.magnitude`` (out,) for DVoRA;
-* ``<layer>.bias`` (out,) when biases were trained (``bias`` "all" or "vera_only");
+* ``<layer>.bias`` (out,) when biases were trained (``bias`` "all" or "vera_only"),
+  and ``<module>.bias`` for the other modules listed in ``bias_modules`` (``bias="all"``
+  trains every bias of the model);
 * ``projections.A`` (r, max_in) and ``projections.B`` (max_out, r) only when stored.
 
 The safetensors header's ``__metadata__`` holds ``{"format": "vera-core",
@@ -76,6 +78,8 @@ class AdapterConfig:
     prng_version: int = PRNG_VERSION
     projections_sha256: str | None = None
     target_modules: Any = None
+    bias_modules: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    """Modules besides ``layers`` whose trained biases the file holds (``bias="all"``): name -> size."""
     extra: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     """Free-form JSON-able details (e.g. the PEFT config an adapter came from)."""
 
@@ -96,6 +100,13 @@ class AdapterConfig:
             raise AdapterFileError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if not self.layers:
             raise AdapterFileError("an adapter must adapt at least one layer")
+        if self.bias_modules and self.bias != "all":
+            raise AdapterFileError(f"bias_modules are stored only with bias='all', not bias={self.bias!r}")
+        for name, size in self.bias_modules.items():
+            if name in self.layers:
+                raise AdapterFileError(f"{name!r} is an adapted layer: its bias is not listed in bias_modules")
+            if not isinstance(size, int) or isinstance(size, bool) or size <= 0:
+                raise AdapterFileError(f"bias_modules[{name!r}] must be a positive size, got {size!r}")
         for name, spec in self.layers.items():
             if not 1 <= spec.rank <= self.r:
                 raise AdapterFileError(f"layer {name!r} has rank {spec.rank}, outside [1, r={self.r}]")
@@ -130,6 +141,8 @@ class AdapterConfig:
                 shapes[f"{name}.magnitude"] = (spec.out_features,)
             if self.bias != "none":
                 shapes[f"{name}.bias"] = (spec.out_features,)
+        for name, size in self.bias_modules.items():
+            shapes[f"{name}.bias"] = (size,)
         return shapes
 
 

@@ -1,7 +1,9 @@
 """Hugging Face PEFT VeRA adapter folders, read into and written from :class:`AdapterConfig`.
 
 A PEFT folder holds ``adapter_config.json`` and ``adapter_model.safetensors`` with keys
-``base_model.model.<module path>.vera_lambda_b`` / ``.vera_lambda_d`` and, when
+``base_model.model.<module path>.vera_lambda_b`` / ``.vera_lambda_d``, trained biases as
+``base_model.model.<layer>.base_layer.bias`` (adapted layers) or ``<module>.bias`` (the
+others, with ``bias="all"``), and, when
 ``save_projection`` is true, ``base_model.vera_A`` (r, max_in) and ``base_model.vera_B``
 (max_out, r). PEFT draws its projections with ``torch.Generator`` (Mersenne Twister),
 not with vera-core's Threefry stream: an imported adapter records ``prng_id``
@@ -37,7 +39,11 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 _PREFIX = "base_model.model."
 _PEFT_A, _PEFT_B = "base_model.vera_A", "base_model.vera_B"
-_LAYER_KEY = re.compile(r"^base_model\.model\.(?P<layer>.+)\.(?P<kind>vera_lambda_d|vera_lambda_b|bias)$")
+_LAYER_KEY = re.compile(
+    r"^base_model\.model\.(?P<layer>.+?)(?P<wrapped>\.base_layer)?\.(?P<kind>vera_lambda_d|vera_lambda_b|bias)$"
+)
+_ADAPTED_BIAS = ".base_layer.bias"
+"""PEFT's key suffix for the bias of an adapted layer (the wrapped base layer's parameter)."""
 _PEFT_VERSION_WRITTEN = "0.21.2"
 
 
@@ -117,6 +123,11 @@ def read_peft_folder(path: str | os.PathLike[str], *, framework: str = "numpy") 
         )
         for name in layer_names
     }
+    bias_modules = {
+        name[: -len(".bias")]: int(value.shape[0])
+        for name, value in tensors.items()
+        if name.endswith(".bias") and name[: -len(".bias")] not in layers
+    }
     stored = PROJECTION_KEYS[0] in tensors
     max_in = int(tensors[PROJECTION_KEYS[0]].shape[1]) if stored else None
     max_out = int(tensors[PROJECTION_KEYS[1]].shape[0]) if stored else max(s.out_features for s in layers.values())
@@ -133,6 +144,7 @@ def read_peft_folder(path: str | os.PathLike[str], *, framework: str = "numpy") 
         prng_version=1,
         projections_sha256=(projection_checksum(*(_to_host(tensors[k]) for k in PROJECTION_KEYS)) if stored else None),
         target_modules=peft.get("target_modules"),
+        bias_modules=bias_modules,
         extra={"peft_config": peft},
     )
     check_tensors(config, tensors)
@@ -208,7 +220,9 @@ def write_peft_folder(
         out[f"{_PREFIX}{name}.vera_lambda_d"] = lambda_d
         out[f"{_PREFIX}{name}.vera_lambda_b"] = tensors[f"{name}.lambda_b"]
         if config.bias != "none":
-            out[f"{_PREFIX}{name}.bias"] = tensors[f"{name}.bias"]
+            out[f"{_PREFIX}{name}{_ADAPTED_BIAS}"] = tensors[f"{name}.bias"]
+    for name in config.bias_modules:
+        out[f"{_PREFIX}{name}.bias"] = tensors[f"{name}.bias"]
     folder = Path(path)
     folder.mkdir(parents=True, exist_ok=True)
     contiguous = {k: (v.detach().contiguous() if framework == "torch" else _np_contiguous(v)) for k, v in out.items()}

@@ -149,3 +149,25 @@ def test_peft_recipe_is_bit_identical():
     want_B = _kaiming_init((24, 8), generator=generator)
     A, B = vt.peft_projections(17, 8, 40, 24)
     assert torch.equal(A, want_A) and torch.equal(B, want_B)
+
+
+def test_bias_all_moves_every_trained_bias_both_ways(tmp_path):
+    """PEFT's bias='all' trains and saves every bias (GPT-2's layer norms too); nothing may be dropped."""
+    model, targets = _gpt2()
+    peft_model = peft.get_peft_model(
+        copy.deepcopy(model), peft.VeraConfig(r=8, target_modules=targets, bias="all", save_projection=True)
+    )
+    _randomize(peft_model)
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if name.endswith("bias"):
+                param.add_(0.25)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = copy.deepcopy(model)
+    config = vt.load_peft_adapter(ours, tmp_path / "peft", activate=True)
+    assert config.bias_modules  # biases outside the adapted layers (layer norms) came along
+    torch.testing.assert_close(_logits(ours), _logits(peft_model), **TOL)
+
+    vt.save_peft_adapter(ours, tmp_path / "back")
+    reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "back").eval()
+    torch.testing.assert_close(_logits(reloaded), _logits(peft_model), **TOL)

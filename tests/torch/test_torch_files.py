@@ -130,3 +130,28 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
         vt.save_adapter(model, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["a.safetensors"]
+
+
+def test_bias_all_saves_every_trained_bias(tmp_path):
+    """bias='all' trains every bias of the model: the file must keep the non-adapted ones too."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    vt.add_vera(model, ["0"], r=2, bias="all")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.add_(1.0)
+    path = tmp_path / "a.safetensors"
+    config = vt.save_adapter(model, path)
+    assert dict(config.bias_modules) == {"2": 3}
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3))
+    vt.load_adapter(fresh, path, activate=True)
+    x = torch.randn(4, 6)
+    torch.testing.assert_close(fresh(x), model(x))
+
+    wrong = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 3, bias=False))
+    before = {k: v.clone() for k, v in wrong.state_dict().items()}
+    with pytest.raises(AdapterFileError, match="bias of '2'"):
+        vt.load_adapter(wrong, path)
+    assert all(torch.equal(before[k], v) for k, v in wrong.state_dict().items())

@@ -9,6 +9,7 @@ checksum must match the file's, or loading fails before the model is touched.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -65,8 +66,19 @@ def adapter_config(model: nn.Module, adapter_name: str = "default") -> AdapterCo
         prng_id=key.prng_id,
         projections_sha256=checksum(A, B),
         target_modules=settings.target_modules,
+        bias_modules=_other_biases(model, layers) if settings.bias == "all" else {},
         extra={"detach_norm": settings.detach_norm, "requested_r": settings.r, "framework": "torch"},
     )
+
+
+def _other_biases(model: nn.Module, layers: Mapping[str, LayerSpec]) -> dict[str, int]:
+    """The biases ``bias="all"`` trains outside the adapted layers: module path -> size."""
+    adapted = {f"{path}.base_layer.bias" for path in layers} | {f"{path}.bias" for path in layers}
+    return {
+        name[: -len(".bias")]: int(param.numel())
+        for name, param in model.named_parameters()
+        if name.endswith(".bias") and name not in adapted and param.dim() == 1
+    }
 
 
 def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
@@ -82,6 +94,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) 
         if config.bias != "none":
             bias = layer.bias
             tensors[f"{path}.bias"] = bias.detach().cpu() if bias is not None else torch.zeros(layer.out_features)
+    for path in config.bias_modules:
+        tensors[f"{path}.bias"] = model.get_submodule(path).bias.detach().cpu()
     return tensors
 
 
@@ -223,6 +237,7 @@ def _load_into(
             weight = getattr(module, "weight", None)
             if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
                 raise AdapterFileError(f"{source}: DVoRA layer {path!r} needs a dense floating-point weight")
+    other_biases = _other_bias_targets(model, config, source)
     key, pair = _projections_for(model, config, tensors, source, max_in)
     per_layer = {
         path: {
@@ -257,3 +272,20 @@ def _load_into(
             for path, layer in vera_layers(model).items():
                 if path in config.layers and layer.bias is not None:
                     layer.bias.copy_(tensors[f"{path}.bias"])
+            for path, bias in other_biases.items():
+                bias.copy_(tensors[f"{path}.bias"])
+
+
+def _other_bias_targets(model: nn.Module, config: AdapterConfig, source: str) -> dict[str, torch.Tensor]:
+    """The model's bias for each of ``config.bias_modules``, checked before anything changes."""
+    found = {}
+    for path, size in config.bias_modules.items():
+        try:
+            bias = model.get_submodule(path).bias
+        except AttributeError:
+            bias = None
+        if not isinstance(bias, torch.Tensor) or bias.shape != (size,):
+            got = "no bias" if not isinstance(bias, torch.Tensor) else f"a bias of shape {tuple(bias.shape)}"
+            raise AdapterFileError(f"{source}: the file trains the bias of {path!r} ({size},) but the model has {got}")
+        found[path] = bias
+    return found
