@@ -95,7 +95,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) 
             bias = layer.bias
             tensors[f"{path}.bias"] = bias.detach().cpu() if bias is not None else torch.zeros(layer.out_features)
     for path in config.bias_modules:
-        tensors[f"{path}.bias"] = model.get_submodule(path).bias.detach().cpu()
+        bias = model.get_submodule(path).get_parameter("bias")
+        tensors[f"{path}.bias"] = bias.detach().cpu()
     return tensors
 
 
