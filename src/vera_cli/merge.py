@@ -21,6 +21,7 @@ from vera_core.dvora import dvora_merge
 from vera_core.vera import merge as vera_merge
 
 _WEIGHT = ".weight"
+_BIAS = ".bias"
 
 
 def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -46,8 +47,8 @@ def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
         raise CliError(f"{source}: not a readable safetensors file ({error}){hint}") from error
 
 
-def match_layers(layer_names: list[str], base_keys: list[str]) -> dict[str, str]:
-    """Map every adapter layer to a base layer name (the key without ``.weight``).
+def match_layers(layer_names: list[str], base_keys: list[str], *, suffix: str = _WEIGHT) -> dict[str, str]:
+    """Map every adapter layer to a base layer name (the key without ``suffix``, ``.weight``).
 
     Examples
     --------
@@ -59,7 +60,7 @@ def match_layers(layer_names: list[str], base_keys: list[str]) -> dict[str, str]
     CliError
         Listing every layer with no match, or with several.
     """
-    prefixes = [key[: -len(_WEIGHT)] for key in base_keys if key.endswith(_WEIGHT)]
+    prefixes = [key[: -len(suffix)] for key in base_keys if key.endswith(suffix)]
     found: dict[str, str] = {}
     unmatched, ambiguous = [], []
     for name in layer_names:
@@ -74,16 +75,16 @@ def match_layers(layer_names: list[str], base_keys: list[str]) -> dict[str, str]
         else:
             unmatched.append(name)
     if ambiguous:
-        raise CliError(f"adapter layers matching several base weights: {', '.join(ambiguous)}")
+        raise CliError(f"adapter layers matching several base '<layer>{suffix}' keys: {', '.join(ambiguous)}")
     if unmatched:
         shown = ", ".join(prefixes[:6]) + (", ..." if len(prefixes) > 6 else "")
         raise CliError(
-            f"adapter layers with no '<layer>.weight' in the base file: {', '.join(unmatched)} "
-            f"(the base has {len(prefixes)} weights: {shown or 'none'})"
+            f"adapter layers with no '<layer>{suffix}' in the base file: {', '.join(unmatched)} "
+            f"(the base has {len(prefixes)} {'weights' if suffix == _WEIGHT else 'biases'}: {shown or 'none'})"
         )
     targets = list(found.values())
     if len(set(targets)) != len(targets):
-        raise CliError("several adapter layers match the same base weight; rename the layers")
+        raise CliError(f"several adapter layers match the same base '<layer>{suffix}'; rename the layers")
     return found
 
 
@@ -118,8 +119,17 @@ def merge_weights(base: dict[str, np.ndarray], adapter: LoadedAdapter) -> dict[s
                 f"out={spec.out_features}, in={spec.in_features or '?'} stored {layout}"
             )
         sizes[name] = in_features
+    bias_targets = match_layers(list(config.bias_modules), list(base), suffix=_BIAS)
+    for name, target in bias_targets.items():
+        if base[target + _BIAS].shape != (config.bias_modules[name],):
+            raise CliError(
+                f"{target}{_BIAS} has shape {base[target + _BIAS].shape} but the adapter trained a bias of "
+                f"{config.bias_modules[name]} for {name}"
+            )
     A, B = projections(adapter, max_in=max(sizes.values()))
     merged = dict(base)
+    for name, target in bias_targets.items():
+        merged[target + _BIAS] = adapter.vectors[f"{name}{_BIAS}"].astype(base[target + _BIAS].dtype)
     for name, target in mapping.items():
         spec = config.layers[name]
         d, b = adapter.vectors[f"{name}.lambda_d"], adapter.vectors[f"{name}.lambda_b"]

@@ -218,3 +218,31 @@ def test_adapters_move_both_ways_through_vera_torch(tmp_path: Path, dvora: bool)
     loaded_net = Sequential({"fc1": loaded.layer("fc1"), "act": ReLU(), "fc2": loaded.layer("fc2")})
     with torch.no_grad():
         np.testing.assert_allclose(loaded_net.forward(x), other(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_torch_bias_all_adapter_runs_in_numpy(tmp_path: Path) -> None:
+    """A torch adapter trained with bias='all' carries the biases of layers it does not adapt."""
+    torch = pytest.importorskip("torch")
+    vt = pytest.importorskip("vera_torch")
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+    weights = {
+        f"{name}.{kind}": np.array(getattr(net[int(name)], kind).detach().numpy())
+        for name in ("0", "2")
+        for kind in ("weight", "bias")
+    }
+    vt.add_vera(net, ["0"], r=4, bias="all")
+    with torch.no_grad():
+        for name, param in net.named_parameters():
+            if "lambda" in name or name.endswith("bias"):
+                param.add_(torch.randn(param.shape) * 0.3)
+    vt.save_adapter(net, tmp_path / "a.safetensors")
+    model = AdaptedModel.load(tmp_path / "a.safetensors", weights)
+    x = np.random.default_rng(0).standard_normal((4, 6)).astype(np.float32)
+    hidden = np.maximum(model.layer("0").forward(x), 0)
+    np.testing.assert_allclose(model.layer("2").forward(hidden), net(torch.from_numpy(x)).detach().numpy(), atol=1e-5)
+    assert not np.array_equal(model.weights["2.bias"], weights["2.bias"])
+
+    del weights["2.bias"]
+    with pytest.raises(AdapterFileError, match="trained '2.bias'"):
+        AdaptedModel.load(tmp_path / "a.safetensors", weights)

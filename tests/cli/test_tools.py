@@ -277,3 +277,50 @@ def test_merge_fan_in_fan_out_and_trained_bias(capsys: pytest.CaptureFixture[str
     merged = load_file(str(out))
     np.testing.assert_array_equal(merged["h.0.attn.c_attn.weight"], merge(weight, A, B, d, b, fan_in_fan_out=True))
     np.testing.assert_array_equal(merged["h.0.attn.c_attn.bias"], bias)
+
+
+def test_merge_applies_every_trained_bias(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """bias='all' adapters also train biases of layers they do not adapt: the merge must carry them over."""
+    rng = np.random.default_rng(5)
+    base = {
+        "fc1.weight": rng.standard_normal((5, 6)).astype(np.float32),
+        "fc1.bias": rng.standard_normal(5).astype(np.float32),
+        "head.weight": rng.standard_normal((3, 5)).astype(np.float32),
+        "head.bias": rng.standard_normal(3).astype(np.float32),
+    }
+    A, B = generate_projections(SEED, R, 6, 5, xp=np)
+    config = AdapterConfig(
+        r=R, seed=SEED, max_in=6, max_out=5, layers={"fc1": LayerSpec(5, R, 6)}, bias="all", bias_modules={"head": 3}
+    )
+    trained = {
+        "fc1.lambda_d": rng.standard_normal(R).astype(np.float32),
+        "fc1.lambda_b": rng.standard_normal(5).astype(np.float32),
+        "fc1.bias": rng.standard_normal(5).astype(np.float32),
+        "head.bias": rng.standard_normal(3).astype(np.float32),
+    }
+    save_file(base, str(tmp_path / "base.safetensors"))
+    save_adapter_file(tmp_path / "a.safetensors", config, trained)
+    argv = ("merge", "--base", str(tmp_path / "base.safetensors"), "--adapter", str(tmp_path / "a.safetensors"))
+    code, _, _ = run_cli(capsys, *argv, "-o", str(tmp_path / "out.safetensors"))
+    assert code == 0
+    out = load_file(str(tmp_path / "out.safetensors"))
+    np.testing.assert_array_equal(out["head.bias"], trained["head.bias"])
+    np.testing.assert_array_equal(out["fc1.bias"], trained["fc1.bias"])
+    np.testing.assert_array_equal(out["head.weight"], base["head.weight"])
+    expected = merge(base["fc1.weight"], A, B, trained["fc1.lambda_d"], trained["fc1.lambda_b"])
+    np.testing.assert_allclose(out["fc1.weight"], expected, rtol=1e-6, atol=1e-6)
+
+    del base["head.bias"]
+    save_file(base, str(tmp_path / "no_head_bias.safetensors"))
+    code, _, err = run_cli(
+        capsys,
+        "merge",
+        "--base",
+        str(tmp_path / "no_head_bias.safetensors"),
+        "--adapter",
+        str(tmp_path / "a.safetensors"),
+        "-o",
+        str(tmp_path / "bad.safetensors"),
+    )
+    assert code == 1 and "'<layer>.bias'" in err and "head" in err
+    assert not (tmp_path / "bad.safetensors").exists()

@@ -237,11 +237,33 @@ class AdaptedModel(Container):
         """
         backend = Backend.of(next(iter(weights.values()))) if backend is None else backend
         config, vectors, A, B = files.load(path, backend)
+        weights, vectors = _apply_other_biases(path, config, weights, vectors, backend)
         if detach_norm is None:
             detach_norm = bool(config.extra.get("detach_norm", False))
         model = cls(weights, config, A, B, backend=backend, dropout_seed=dropout_seed, detach_norm=detach_norm)
         model.load_parameters(vectors)
         return model
+
+
+def _apply_other_biases(
+    path: str | os.PathLike[str],
+    config: AdapterConfig,
+    weights: Mapping[str, Any],
+    vectors: dict[str, Any],
+    backend: Backend,
+) -> tuple[Mapping[str, Any], dict[str, Any]]:
+    """Biases the file trained outside its adapted layers (``bias="all"``) replace the frozen ones."""
+    if not config.bias_modules:
+        return weights, vectors
+    replaced = dict(weights)
+    for name, size in config.bias_modules.items():
+        key = name + BIAS_SUFFIX
+        if key not in weights or tuple(weights[key].shape) != (size,):
+            got = "none" if key not in weights else f"shape {tuple(weights[key].shape)}"
+            raise AdapterFileError(f"{path}: the adapter trained {key!r} of shape ({size},) but the weights have {got}")
+        replaced[key] = backend.xp.astype(vectors[key], weights[key].dtype)
+    remaining = {k: v for k, v in vectors.items() if k.removesuffix(BIAS_SUFFIX) not in config.bias_modules}
+    return replaced, remaining
 
 
 def add_vera(
