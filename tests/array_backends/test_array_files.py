@@ -244,5 +244,5 @@ def test_torch_bias_all_adapter_runs_in_numpy(tmp_path: Path) -> None:
     assert not np.array_equal(model.weights["2.bias"], weights["2.bias"])
 
     del weights["2.bias"]
-    with pytest.raises(AdapterFileError, match="trained '2.bias'"):
+    with pytest.raises(AdapterFileError, match=r"trained '2\.bias'"):
         AdaptedModel.load(tmp_path / "a.safetensors", weights)
