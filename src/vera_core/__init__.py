@@ -37,6 +37,7 @@ from vera_core.vera import (
     unmerge,
     vera_backward,
     vera_backward_dense,
+    vera_delta_rows,
     vera_forward,
     vera_forward_dense,
 )
@@ -70,6 +71,7 @@ __all__ = [
     "unmerge",
     "vera_backward",
     "vera_backward_dense",
+    "vera_delta_rows",
     "vera_forward",
     "vera_forward_dense",
 ]

@@ -20,6 +20,7 @@ from vera_core._validation import (
     check_activations,
     check_adapter,
     check_finite,
+    check_ndim,
     check_positive_int,
     check_same_shape,
 )
@@ -416,3 +417,62 @@ def vera_backward_dense(
         merged = lr.cast(xp, merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), grad_y.dtype)
         grad_x = linear_input_grad(grad_y, merged, fan_in_fan_out=fan_in_fan_out)
     return VeraGrads(grad_x, grad_d, grad_b)
+
+
+def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: Any) -> Any:
+    """The VeRA adapter term with different vectors for each leading row (mixed-adapter batches).
+
+    Row ``i`` of ``x`` (shape (batch, ..., in)) gets
+    ``lambda_b_rows[i] * (B_s (lambda_d_rows[i] * (A_s x_i)))``. Rows of zeros select no
+    adapter; adapters of smaller rank are served by zero-padding their ``lambda_d``
+    (exact). The vectors scale the (tokens x r) and (tokens x out) activations here,
+    since they differ from row to row.
+
+    Parameters
+    ----------
+    x : array, shape (batch, ..., in)
+    A, B : array
+        The shared projections.
+    lambda_d_rows : array, shape (batch, r)
+    lambda_b_rows : array, shape (batch, out)
+
+    Returns
+    -------
+    array, shape (batch, ..., out)
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> x = xp.ones((2, 3, 8))
+    >>> d, b = xp.full((2, 4), 0.1), xp.stack([xp.zeros(6), xp.ones(6)])
+    >>> delta = vera_delta_rows(x, A, B, d, b)
+    >>> single, _ = vera_forward(x[1], A, B, d[1], b[1])
+    >>> delta.shape, bool(xp.all(delta[0] == 0)), bool(xp.allclose(delta[1], single))
+    ((2, 3, 6), True, True)
+    """
+    if x.ndim < 2:
+        raise ValueError(f"x must have shape (batch, ..., in), got {tuple(x.shape)}")
+    check_ndim("lambda_d_rows", lambda_d_rows, 2, "(batch, rank)")
+    check_ndim("lambda_b_rows", lambda_b_rows, 2, "(batch, out_features)")
+    batch = x.shape[0]
+    for name, rows in (("lambda_d_rows", lambda_d_rows), ("lambda_b_rows", lambda_b_rows)):
+        if rows.shape[0] != batch:
+            raise ValueError(f"{name} has {rows.shape[0]} rows but x has a batch of {batch}")
+    xp, shape = check_adapter(
+        A,
+        B,
+        lambda_d_rows[0, :],
+        lambda_b_rows[0, :],
+        x.shape[-1],
+        activation_dtype=x.dtype,
+        extra={"x": x, "lambda_d_rows": lambda_d_rows, "lambda_b_rows": lambda_b_rows},
+    )
+    check_activations("x", x, shape.in_features, "in_features on the last axis")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    broadcast = (batch,) + (1,) * (x.ndim - 2)
+    row_d = lr.cast(xp, xp.reshape(lambda_d_rows, (*broadcast, shape.rank)), x.dtype)
+    row_b = lr.cast(xp, xp.reshape(lambda_b_rows, (*broadcast, shape.out_features)), x.dtype)
+    u = lr.project(xp, x, A_s, None)
+    return xp.matmul(u * row_d, lr.cast(xp, B_s, x.dtype).T) * row_b

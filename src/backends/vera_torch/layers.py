@@ -372,7 +372,6 @@ class VeraLinear(nn.Module):
     ) -> torch.Tensor:
         rank = max(self.adapters[n].rank for n in group)
         A, B = self._state.projections.get(key, dtype, x.device)
-        A_s, B_s = A[:rank, : self.in_features], B[: self.out_features, :rank]
         vec_dtype = self.vera_lambda_b[group[0]].dtype
         # row 0: rows not in this group (zero vectors); lambda_d zero-padded to the group's largest rank (exact)
         table_d = torch.stack(
@@ -384,11 +383,7 @@ class VeraLinear(nn.Module):
         )
         position = {n: i for i, n in enumerate(group, start=1)}
         index = torch.tensor([position.get(n, 0) for n in names], device=x.device)
-        shape = (x.shape[0],) + (1,) * (x.dim() - 2)
-        row_d = table_d[index].to(dtype).reshape(*shape, rank)
-        row_b = table_b[index].to(dtype).reshape(*shape, self.out_features)
-        u = x @ A_s.T
-        return ((u * row_d) @ B_s.T) * row_b
+        return vc.vera_delta_rows(x, A, B, table_d[index].to(dtype), table_b[index].to(dtype))
 
     # ------------------------------------------------------------------ merging
     def merge(self, names: Sequence[str], *, safe: bool = False) -> None:
