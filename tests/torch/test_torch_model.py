@@ -185,6 +185,20 @@ def test_mixed_adapter_batch_matches_per_adapter_loop():
             rows.append(model(ids[i : i + 1]))
     torch.testing.assert_close(mixed, torch.cat(rows), atol=1e-5, rtol=1e-5)
     assert model.vera_state.shared.batch_adapter_names is None  # cleared after the call
+
+    # a mixed batch trains: each row's loss reaches only its own adapter's vectors
+    for param in model.parameters():
+        param.grad = None
+    for name in ("a", "b", "c"):
+        for layer in vt.vera_layers(model).values():
+            if name in layer.vera_lambda_b:
+                layer.vera_lambda_b[name].requires_grad_(True)
+    model(ids[:2], adapter_names=["a", "__base__"]).square().sum().backward()
+    layers = vt.vera_layers(model).values()
+    assert any(
+        layer.vera_lambda_b["a"].grad is not None and layer.vera_lambda_b["a"].grad.abs().sum() > 0 for layer in layers
+    )
+    assert all(layer.vera_lambda_b["b"].grad is None for layer in layers if "b" in layer.vera_lambda_b)
     with pytest.raises(ValueError, match="unknown adapters"):
         model(ids, adapter_names=["zz"] * len(names))
     with pytest.raises(ValueError, match="one adapter name"):
