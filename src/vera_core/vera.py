@@ -216,8 +216,9 @@ def _shift_weight(
     A_s, B_s = lr.layer_slices(A, B, shape)
     work = lr.wider(xp, weight.dtype, lambda_d.dtype)
     C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), work)
-    delta = lr.delta_weight_matrix(xp, C, A_s, fan_in_fan_out)
-    result = lr.cast(xp, lr.cast(xp, weight, work) + sign * delta, weight.dtype)
+    # the sign goes on the small C (exact negation), not on an extra (out x in) array
+    delta = lr.delta_weight_matrix(xp, C if sign > 0 else -C, A_s, fan_in_fan_out)
+    result = lr.cast(xp, lr.cast(xp, weight, work) + delta, weight.dtype)
     if safe:
         check_finite(xp, "the merged weight", result)
     return result
