@@ -10,8 +10,8 @@ generic over the array namespace); this module adds only what differs on a GPU:
   :mod:`vera_numpy` functions with the arrays placed on the GPU (projections are
   generated there, not copied).
 
-The module imports without CuPy; its functions need CuPy (``pip install
-vera-core[cupy]``) and a CUDA device.
+The module imports without CuPy; its functions need CuPy (the ``[cupy]`` extra of
+vera-core) and a CUDA device.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def _cupy() -> Any:
     try:
         import cupy
     except ImportError as error:
-        raise ImportError("vera_cupy needs CuPy: pip install 'vera-core[cupy]' (and a CUDA device)") from error
+        raise ImportError("vera_cupy needs CuPy: install the [cupy] extra of vera-core (and have a CUDA device)") from error
     return cupy
 
 
