@@ -31,7 +31,7 @@ def _cupy() -> Any:
     try:
         import cupy
     except ImportError as error:
-        raise ImportError("vera_cupy needs CuPy: install the [cupy] extra of vera-core (and have a CUDA device)") from error
+        raise ImportError("vera_cupy needs CuPy (the [cupy] extra of vera-core) and a CUDA device") from error
     return cupy
 
 
