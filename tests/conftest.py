@@ -4,7 +4,8 @@ The ``xp`` fixture follows SciPy's: one run of each test per backend of
 :data:`vera_core.testing.BACKENDS`, chosen with ``VERA_BACKENDS`` (a comma list;
 default all, skipping what is not installed). A backend named in ``VERA_BACKENDS``
 that does not import is an error, except the CUDA ones without a GPU.
-``HYPOTHESIS_PROFILE`` picks ``ci`` (default: few examples, no deadline) or ``thorough``.
+``HYPOTHESIS_PROFILE`` picks ``ci`` (default: few examples, the same ones every run, no deadline)
+or ``thorough`` (many random examples).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from hypothesis import settings
 
 from vera_core.testing import BACKENDS, LoadedBackend, load_backend, selected_backends
 
-settings.register_profile("ci", max_examples=12, deadline=None, print_blob=True)
+settings.register_profile("ci", max_examples=12, deadline=None, print_blob=True, derandomize=True)
 settings.register_profile("thorough", max_examples=300, deadline=None, print_blob=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 

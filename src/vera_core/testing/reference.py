@@ -174,7 +174,10 @@ def central_differences(
     """Central finite-difference gradients of ``loss`` with respect to ``params[name]`` for each name.
 
     Each named parameter is a vector or a matrix (nested lists); element ``p`` moves by
-    ``step * max(1, |p|)`` each way. ``params`` is not modified.
+    ``h = step * max(1, |p|)`` and ``2h`` each way, and the two central differences are
+    combined by Richardson extrapolation, ``(4 D(h) - D(2h)) / 3``: the truncation error
+    falls from O(h^2) to O(h^4), so the estimate stays accurate for losses with large
+    third derivatives (DVoRA's ``1 / n`` near a small norm). ``params`` is not modified.
 
     Examples
     --------
@@ -189,12 +192,15 @@ def central_differences(
         for container, j in _slots(working[name]):
             saved = container[j]
             h = step * max(1.0, abs(saved))
-            container[j] = saved + h
-            up = loss(working)
-            container[j] = saved - h
-            down = loss(working)
+            differences = []
+            for width in (h, 2.0 * h):
+                container[j] = saved + width
+                up = loss(working)
+                container[j] = saved - width
+                down = loss(working)
+                differences.append((up - down) / (2.0 * width))
             container[j] = saved
-            flat.append((up - down) / (2.0 * h))
+            flat.append((4.0 * differences[0] - differences[1]) / 3.0)
         value = working[name]
         width = len(value[0]) if value and isinstance(value[0], list) else 0
         grads[name] = [flat[i : i + width] for i in range(0, len(flat), width)] if width else flat
