@@ -145,3 +145,12 @@ def check_finite(xp: Any, name: str, array: Any) -> None:
     """Raise ValueError when ``array`` holds NaN or infinity."""
     if not bool(xp.all(xp.isfinite(array))):
         raise ValueError(f"{name} contains NaN or infinity; refusing to merge (merge with safe=False to force)")
+
+
+def check_dense_dtype(xp: Any, dtype: Any) -> None:
+    """Raise TypeError for 16-bit activations in a merged-weight (dense) formulation."""
+    if int(xp.finfo(dtype).bits) < 32:
+        raise TypeError(
+            f"the dense formulation rounds W0 + delta W to the activations' dtype {dtype}, which would swamp "
+            "delta W; use the factored functions for 16-bit activations"
+        )

@@ -21,12 +21,15 @@ from vera_core import _lowrank as lr
 from vera_core._validation import (
     check_activations,
     check_adapter,
+    check_dense_dtype,
     check_finite,
     check_ndim,
     check_positive_int,
     check_real_float_dtype,
     check_same_shape,
 )
+from vera_core.linear import linear, linear_input_grad
+from vera_core.vera import merge as vera_merge
 
 
 class DvoraFrozen(NamedTuple):
@@ -279,11 +282,13 @@ def dvora_forward(
     norm = _gram_norm(xp, frozen, C)
     u = lr.project(xp, x, A_s, dropout_mask)
     z = base + xp.matmul(u, lr.cast(xp, C, x.dtype).T)
-    scale = lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), x.dtype)
-    y = z * scale
-    if bias is not None:
-        y = y + lr.cast(xp, bias, x.dtype)
-    return y, DvoraSaved(u, z, norm)
+    return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
+
+
+def _scaled(xp: Any, z: Any, magnitude: Any, norm: Any, bias: Any) -> Any:
+    """``(m / n) * z + bias`` in the dtype of ``z``."""
+    y = z * lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), z.dtype)
+    return y if bias is None else y + lr.cast(xp, bias, z.dtype)
 
 
 def dvora_backward(
@@ -455,3 +460,121 @@ def dvora_unmerge(
     inverse = inverse[None, :] if fan_in_fan_out else inverse[:, None]
     W0 = lr.cast(xp, weight, work) * inverse - lr.delta_weight_matrix(xp, C, A_s, fan_in_fan_out)
     return lr.cast(xp, W0, weight.dtype)
+
+
+def dvora_forward_dense(
+    x: Any,
+    weight: Any,
+    frozen: DvoraFrozen,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    bias: Any = None,
+    fan_in_fan_out: bool = False,
+) -> tuple[Any, DvoraSaved]:
+    """:func:`dvora_forward` through the merged weight: ``z = x (W0 + dW)^T`` in one product.
+
+    Cheaper for many tokens (:func:`vera_core.dense_is_cheaper`); needs the frozen
+    weight, float32 or wider activations and no dropout. Saves what :func:`dvora_forward`
+    saves; use :func:`dvora_backward_dense`.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections, linear
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, x = xp.ones((6, 8)), xp.ones((3, 8))
+    >>> frozen, m = dvora_precompute(W, A, 4), initial_magnitude(W)
+    >>> d, b = xp.full(4, 0.1), xp.ones(6)
+    >>> y, _ = dvora_forward_dense(x, W, frozen, A, B, m, d, b)
+    >>> reference, _ = dvora_forward(x, linear(x, W), frozen, A, B, m, d, b)
+    >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
+    True
+    """
+    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    xp, shape = check_adapter(
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        in_features,
+        activation_dtype=x.dtype,
+        extra={"x": x, "weight": weight, "magnitude": magnitude, "bias": bias},
+    )
+    check_dense_dtype(xp, x.dtype)
+    check_activations("x", x, shape.in_features, "in_features on the last axis")
+    if shape.out_features != out_features:
+        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
+    _check_magnitude(magnitude, lambda_d, shape.out_features)
+    _check_frozen(frozen, shape.out_features, shape.rank)
+    if bias is not None:
+        check_same_shape("bias", bias, (shape.out_features,), "lambda_b")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    norm = _gram_norm(xp, frozen, lr.fold(xp, B_s, lambda_d, lambda_b))
+    merged = lr.cast(xp, vera_merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), x.dtype)
+    z = linear(x, merged, fan_in_fan_out=fan_in_fan_out)
+    u = lr.project(xp, x, A_s, None)
+    return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
+
+
+def dvora_backward_dense(
+    grad_y: Any,
+    saved: DvoraSaved,
+    frozen: DvoraFrozen,
+    weight: Any,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    fan_in_fan_out: bool = False,
+    detach_norm: bool = False,
+    has_bias: bool = False,
+    input_grad: bool = True,
+) -> DvoraGrads:
+    """Gradients of :func:`dvora_forward_dense`; ``x`` is the whole ``dL/dx`` and ``base`` is None.
+
+    The vector gradients are :func:`dvora_backward`'s (they never need the weight);
+    ``dL/dx = (grad_y * m / n) (W0 + dW)``.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections, linear, linear_input_grad
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, x, g = xp.ones((6, 8)), xp.ones((3, 8)), xp.ones((3, 6))
+    >>> frozen, m = dvora_precompute(W, A, 4), initial_magnitude(W)
+    >>> d, b = xp.full(4, 0.1), xp.ones(6)
+    >>> _, saved = dvora_forward_dense(x, W, frozen, A, B, m, d, b)
+    >>> dense = dvora_backward_dense(g, saved, frozen, W, A, B, m, d, b)
+    >>> factored = dvora_backward(g, saved, frozen, A, B, m, d, b, in_features=8)
+    >>> whole = factored.x + linear_input_grad(factored.base, W)
+    >>> bool(xp.max(xp.abs(dense.x - whole)) < 1e-12), dense.base is None
+    (True, True)
+    """
+    _, in_features = lr.weight_shape(weight, fan_in_fan_out)
+    check_dense_dtype(array_namespace(grad_y), grad_y.dtype)
+    grads = dvora_backward(
+        grad_y,
+        saved,
+        frozen,
+        A,
+        B,
+        magnitude,
+        lambda_d,
+        lambda_b,
+        in_features=in_features,
+        detach_norm=detach_norm,
+        has_bias=has_bias,
+        input_grad=False,
+    )
+    grad_x = None
+    if input_grad:
+        xp = array_namespace(grad_y, weight)
+        merged = vera_merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out)
+        grad_x = linear_input_grad(grads.base, lr.cast(xp, merged, grad_y.dtype), fan_in_fan_out=fan_in_fan_out)
+    return grads._replace(x=grad_x, base=None)

@@ -19,6 +19,7 @@ from vera_core import _lowrank as lr
 from vera_core._validation import (
     check_activations,
     check_adapter,
+    check_dense_dtype,
     check_finite,
     check_ndim,
     check_positive_int,
@@ -308,14 +309,6 @@ def dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int
     return dense < factored
 
 
-def _check_dense_dtype(xp: Any, dtype: Any) -> None:
-    if int(xp.finfo(dtype).bits) < 32:
-        raise TypeError(
-            f"the dense formulation rounds W0 + delta W to the activations' dtype {dtype}, which would swamp "
-            "delta W; use vera_forward/vera_backward for 16-bit activations"
-        )
-
-
 def vera_forward_dense(
     x: Any,
     weight: Any,
@@ -361,7 +354,7 @@ def vera_forward_dense(
         activation_dtype=x.dtype,
         extra={"x": x, "weight": weight, "bias": bias},
     )
-    _check_dense_dtype(xp, x.dtype)
+    check_dense_dtype(xp, x.dtype)
     merged = lr.cast(xp, merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), x.dtype)
     y = linear(x, merged, bias, fan_in_fan_out=fan_in_fan_out)
     A_s, _ = lr.layer_slices(A, B, shape)
@@ -405,7 +398,7 @@ def vera_backward_dense(
         activation_dtype=grad_y.dtype,
         extra={"grad_y": grad_y, "u": u, "weight": weight},
     )
-    _check_dense_dtype(xp, grad_y.dtype)
+    check_dense_dtype(xp, grad_y.dtype)
     if shape.out_features != out_features:
         raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
     check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")

@@ -78,8 +78,13 @@ def test_vera_gradients(
     check_gradients(xp, layer, randn(xp, rng, 3, 5), rng)
 
 
+@pytest.mark.parametrize("dense", [False, True], ids=["factored", "merged-weight"])
 @pytest.mark.parametrize(("fan_in_fan_out", "train_bias"), [(False, True), (True, False)])
-def test_dvora_gradients(xp: Any, fan_in_fan_out: bool, train_bias: bool) -> None:
+def test_dvora_gradients(
+    xp: Any, fan_in_fan_out: bool, train_bias: bool, dense: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both formulations of DVoraLinear (forced here) against finite differences."""
+    monkeypatch.setattr(vc, "dense_is_cheaper", lambda *args, **kwargs: dense)
     rng = np.random.default_rng(2)
     A, B = projections(xp)
     weight = randn(xp, rng, *((6, 5) if fan_in_fan_out else (5, 6)))

@@ -80,3 +80,37 @@ def test_dense_is_cheaper_counts_multiply_adds(
     tokens: int, in_features: int, out_features: int, rank: int, backward: bool, expected: bool
 ) -> None:
     assert vc.dense_is_cheaper(tokens, in_features, out_features, rank, backward=backward) is expected
+
+
+@pytest.mark.parametrize("detach_norm", [False, True])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+def test_dvora_dense_equals_factored(
+    xp: Any, device: Any, dtype_name: str, fan_in_fan_out: bool, detach_norm: bool
+) -> None:
+    dtype = require_dtype(xp, device, dtype_name)
+    p = _problem(xp, device, dtype, fan_in_fan_out)
+    rank = SHAPE["rank"]
+    frozen = vc.dvora_precompute(p["weight"], p["A"], rank, fan_in_fan_out=fan_in_fan_out)
+    magnitude = vc.initial_magnitude(p["weight"], fan_in_fan_out=fan_in_fan_out, dtype=dtype) * 1.5
+    args = (p["A"], p["B"], magnitude, p["lambda_d"], p["lambda_b"])
+    y, saved = vc.dvora_forward_dense(p["x"], p["weight"], frozen, *args, bias=p["bias"], fan_in_fan_out=fan_in_fan_out)
+    base = vc.linear(p["x"], p["weight"], fan_in_fan_out=fan_in_fan_out)
+    y_ref, saved_ref = vc.dvora_forward(p["x"], base, frozen, *args, bias=p["bias"])
+    options = {"detach_norm": detach_norm, "has_bias": True}
+    dense = vc.dvora_backward_dense(
+        p["grad_y"], saved, frozen, p["weight"], *args, fan_in_fan_out=fan_in_fan_out, **options
+    )
+    factored = vc.dvora_backward(p["grad_y"], saved_ref, frozen, *args, in_features=SHAPE["in"], **options)
+    whole_x = to_numpy(factored.x) + to_numpy(
+        vc.linear_input_grad(factored.base, p["weight"], fan_in_fan_out=fan_in_fan_out)
+    )
+    assert dense.base is None
+    eps = float(np.finfo(dtype_name).eps)
+    pairs = [(to_numpy(y), to_numpy(y_ref)), (to_numpy(dense.x), whole_x)]
+    pairs += [
+        (to_numpy(getattr(dense, f)), to_numpy(getattr(factored, f)))
+        for f in ("magnitude", "lambda_d", "lambda_b", "bias")
+    ]
+    for got, want in pairs:
+        np.testing.assert_allclose(got, want, rtol=0, atol=500 * eps * max(1.0, float(np.max(np.abs(want)))))

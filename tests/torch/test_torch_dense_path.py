@@ -63,3 +63,35 @@ def test_few_tokens_dropout_and_bfloat16_stay_factored(dense_calls: list[int]) -
     with torch.autocast("cpu", dtype=torch.bfloat16):
         _model()(torch.randn(64, 32)).float().sum().backward()
     assert dense_calls == []
+
+
+@pytest.mark.parametrize("detach_norm", [False, True])
+def test_dvora_takes_the_dense_path_with_equal_results(monkeypatch: pytest.MonkeyPatch, detach_norm: bool) -> None:
+    calls: list[int] = []
+    original = layers.dvora_dense
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(layers, "dvora_dense", counting)
+
+    def model() -> nn.Module:
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(32, 16))
+        vt.add_vera(net, target_modules="all-linear", r=8, seed=3, dvora=True, bias="all", detach_norm=detach_norm)
+        for name, parameter in net.named_parameters():
+            if "lambda" in name:
+                nn.init.normal_(parameter)
+        return net
+
+    x = torch.randn(64, 32)
+    y_dense, grads_dense = _run(model(), x)
+    assert calls == [1]
+    monkeypatch.setattr(layers.vc, "dense_is_cheaper", lambda *a, **k: False)
+    y_factored, grads_factored = _run(model(), x)
+    assert calls == [1]
+    torch.testing.assert_close(y_dense, y_factored, rtol=1e-5, atol=1e-5)
+    assert len(grads_dense) == 5  # x, bias, magnitude, lambda_d, lambda_b
+    for got, want in zip(grads_dense, grads_factored, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)

@@ -242,6 +242,7 @@ class AdaptedLinear(Layer):
         if train_bias:
             self._params["bias"] = self.bias
         self._mask: Any = None
+        self._dense = False  # whether the last forward took the merged-weight formulation
 
     @property
     def lambda_d(self) -> Any:
@@ -275,6 +276,13 @@ class AdaptedLinear(Layer):
         self._draws += 1
         keep = xp.astype(uniform >= 2.0 * self.dropout - 1.0, x.dtype) / (1.0 - self.dropout)
         return xp.reshape(keep, x.shape)
+
+    def _use_dense(self, x: Any) -> bool:
+        """The merged-weight formulation where it is valid (no dropout, float32+) and cheaper."""
+        if self._mask is not None or int(self.xp.finfo(x.dtype).bits) < 32:
+            return False
+        tokens = math.prod(x.shape[:-1])
+        return vc.dense_is_cheaper(tokens, self.in_features, self.out_features, self.lambda_d.shape[0])
 
     def _base_input_grad(self, grad_base: Any, adapter_grad_x: Any) -> Any:
         return vc.linear_input_grad(grad_base, self.weight, fan_in_fan_out=self.fan_in_fan_out) + adapter_grad_x
@@ -344,14 +352,6 @@ class VeraLinear(AdaptedLinear):
             seed=seed,
         )
         self._u: Any = None
-        self._dense = False
-
-    def _use_dense(self, x: Any) -> bool:
-        """The merged-weight formulation where it is valid (no dropout, float32+) and cheaper."""
-        if self._mask is not None or int(self.xp.finfo(x.dtype).bits) < 32:
-            return False
-        tokens = math.prod(x.shape[:-1])
-        return vc.dense_is_cheaper(tokens, self.in_features, self.out_features, self.lambda_d.shape[0])
 
     def forward(self, x: Any) -> Any:
         self._mask = self._dropout_mask(x)
@@ -471,8 +471,23 @@ class DVoraLinear(AdaptedLinear):
         return self._params["magnitude"]
 
     def forward(self, x: Any) -> Any:
-        base = vc.linear(x, self.weight, fan_in_fan_out=self.fan_in_fan_out)
         self._mask = self._dropout_mask(x)
+        self._dense = self._use_dense(x)
+        if self._dense:
+            y, self._state = vc.dvora_forward_dense(
+                x,
+                self.weight,
+                self.frozen,
+                self.A,
+                self.B,
+                self.magnitude,
+                self.lambda_d,
+                self.lambda_b,
+                bias=self.bias,
+                fan_in_fan_out=self.fan_in_fan_out,
+            )
+            return y
+        base = vc.linear(x, self.weight, fan_in_fan_out=self.fan_in_fan_out)
         y, self._state = vc.dvora_forward(
             x,
             base,
@@ -488,24 +503,44 @@ class DVoraLinear(AdaptedLinear):
         return y
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
-        grads = vc.dvora_backward(
-            grad_y,
-            self._saved(self._state),
-            self.frozen,
-            self.A,
-            self.B,
-            self.magnitude,
-            self.lambda_d,
-            self.lambda_b,
-            in_features=self.in_features,
-            detach_norm=self.detach_norm,
-            has_bias=self.train_bias,
-            dropout_mask=self._mask,
-            input_grad=input_grad,
-        )
+        saved = self._saved(self._state)
+        if self._dense:
+            grads = vc.dvora_backward_dense(
+                grad_y,
+                saved,
+                self.frozen,
+                self.weight,
+                self.A,
+                self.B,
+                self.magnitude,
+                self.lambda_d,
+                self.lambda_b,
+                fan_in_fan_out=self.fan_in_fan_out,
+                detach_norm=self.detach_norm,
+                has_bias=self.train_bias,
+                input_grad=input_grad,
+            )
+        else:
+            grads = vc.dvora_backward(
+                grad_y,
+                saved,
+                self.frozen,
+                self.A,
+                self.B,
+                self.magnitude,
+                self.lambda_d,
+                self.lambda_b,
+                in_features=self.in_features,
+                detach_norm=self.detach_norm,
+                has_bias=self.train_bias,
+                dropout_mask=self._mask,
+                input_grad=input_grad,
+            )
         self._accumulate("lambda_d", grads.lambda_d)
         self._accumulate("lambda_b", grads.lambda_b)
         self._accumulate("magnitude", grads.magnitude)
         if self.train_bias:
             self._accumulate("bias", grads.bias)
-        return self._base_input_grad(grads.base, grads.x) if input_grad else None
+        if not input_grad:
+            return None
+        return grads.x if self._dense else self._base_input_grad(grads.base, grads.x)

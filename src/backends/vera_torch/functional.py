@@ -21,7 +21,16 @@ import torch
 
 import vera_core as vc
 
-__all__ = ["DvoraFunction", "VeraDenseFunction", "VeraFunction", "dvora", "vera", "vera_dense"]
+__all__ = [
+    "DvoraDenseFunction",
+    "DvoraFunction",
+    "VeraDenseFunction",
+    "VeraFunction",
+    "dvora",
+    "dvora_dense",
+    "vera",
+    "vera_dense",
+]
 
 
 class VeraFunction(torch.autograd.Function):
@@ -307,4 +316,120 @@ def dvora(
         bias,
         dropout_mask,
         detach_norm,
+    )
+
+
+class DvoraDenseFunction(torch.autograd.Function):
+    """DVoRA through the merged weight (:func:`vera_core.dvora_forward_dense`), for many tokens.
+
+    Inputs: ``x``; the frozen ``weight``; ``bias`` or None (trained or not); the three
+    :class:`vera_core.DvoraFrozen` tensors; ``A``; ``B``; ``magnitude``; ``lambda_d``;
+    ``lambda_b``; ``fan_in_fan_out``; ``detach_norm``. Saves ``u``, ``z`` and the norms,
+    as the factored Function does; the merged weight is rebuilt in backward.
+    """
+
+    @staticmethod
+    def forward(
+        ctx,
+        x,
+        weight,
+        bias,
+        weight_sq_norm,
+        weight_proj,
+        gram,
+        A,
+        B,
+        magnitude,
+        lambda_d,
+        lambda_b,
+        fan_in_fan_out,
+        detach_norm,
+    ):
+        frozen = vc.DvoraFrozen(weight_sq_norm, weight_proj, gram)
+        y, saved = vc.dvora_forward_dense(
+            x, weight, frozen, A, B, magnitude, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out
+        )
+        ctx.save_for_backward(
+            saved.u,
+            saved.z,
+            saved.norm,
+            weight,
+            weight_sq_norm,
+            weight_proj,
+            gram,
+            A,
+            B,
+            magnitude,
+            lambda_d,
+            lambda_b,
+        )
+        ctx.fan_in_fan_out, ctx.detach_norm, ctx.has_bias = fan_in_fan_out, bool(detach_norm), bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        u, z, norm, weight, sq, proj, gram, A, B, magnitude, lambda_d, lambda_b = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grads = vc.dvora_backward_dense(
+            grad_y,
+            vc.DvoraSaved(u, z, norm),
+            vc.DvoraFrozen(sq, proj, gram),
+            weight,
+            A,
+            B,
+            magnitude,
+            lambda_d,
+            lambda_b,
+            fan_in_fan_out=ctx.fan_in_fan_out,
+            detach_norm=ctx.detach_norm,
+            has_bias=ctx.has_bias and needs[2],
+            input_grad=needs[0],
+        )
+        return (
+            grads.x,
+            None,
+            grads.bias,
+            None,
+            None,
+            None,
+            None,
+            None,
+            grads.magnitude,
+            grads.lambda_d,
+            grads.lambda_b,
+            None,
+            None,
+        )
+
+
+def dvora_dense(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    frozen: vc.DvoraFrozen,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    magnitude: torch.Tensor,
+    lambda_d: torch.Tensor,
+    lambda_b: torch.Tensor,
+    *,
+    fan_in_fan_out: bool = False,
+    detach_norm: bool = False,
+) -> torch.Tensor:
+    """Differentiable DVoRA output through the merged weight (float32 or wider, no dropout).
+
+    Examples
+    --------
+    >>> import torch, vera_core as vc
+    >>> from array_api_compat import torch as xp
+    >>> A, B = vc.generate_projections(0, 4, 8, 6, xp=xp)
+    >>> x, W = torch.randn(3, 8), torch.randn(6, 8)
+    >>> frozen, m = vc.dvora_precompute(W, A, 4), vc.initial_magnitude(W).requires_grad_(True)
+    >>> d, b = torch.full((4,), 0.1), torch.ones(6)
+    >>> y = dvora_dense(x, W, None, frozen, A, B, m, d, b)
+    >>> bool(torch.allclose(y, dvora(x @ W.T, x, frozen, A, B, m, d, b), atol=1e-5))
+    True
+    """
+    return DvoraDenseFunction.apply(
+        x, weight, bias, *frozen, A, B, magnitude, lambda_d, lambda_b, fan_in_fan_out, detach_norm
     )

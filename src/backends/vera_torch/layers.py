@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional
 
 import vera_core as vc
-from vera_torch.functional import dvora, vera, vera_dense
+from vera_torch.functional import dvora, dvora_dense, vera, vera_dense
 from vera_torch.projections import ProjectionKey, ProjectionStore
 
 __all__ = ["BASE_ADAPTER", "LayerAdapter", "SharedState", "VeraLinear", "is_conv1d", "layer_dims"]
@@ -286,31 +286,40 @@ class VeraLinear(nn.Module):
                 result = vera(result, xc, A, B, lambda_d, lambda_b, self._dropout_mask(name, xc))
         return result
 
-    def _dense_forward(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        """The merged-weight path, or None where it does not apply or costs more.
+    def _merged_weight_pays(self, name: str, x: torch.Tensor) -> bool:
+        """Whether the merged-weight formulation applies and needs fewer multiply-adds.
 
-        It applies to a plain ``nn.Linear`` or transformers ``Conv1D`` base with frozen
-        weight and bias, float32 or wider activations and no dropout in effect.
+        It applies with a frozen floating weight of the activations' dtype, float32 or
+        wider (rounding ``W0 + dW`` to 16 bits would swamp ``dW``) and no dropout in effect.
+        """
+        weight = getattr(self.base_layer, "weight", None)
+        dropout = self.training and self.adapters[name].dropout > 0.0
+        if (
+            dropout
+            or not isinstance(weight, torch.Tensor)
+            or weight.requires_grad
+            or weight.dtype != x.dtype
+            or x.element_size() < 4
+        ):
+            return False
+        tokens = x.numel() // max(x.shape[-1], 1)
+        rank = self.adapters[name].rank
+        return vc.dense_is_cheaper(tokens, self.in_features, self.out_features, rank, backward=torch.is_grad_enabled())
+
+    def _dense_forward(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        """The merged-weight VeRA path, or None where it does not apply or costs more.
+
+        Besides :meth:`_merged_weight_pays`, it replaces the base layer's own forward, so it
+        needs a plain ``nn.Linear`` or transformers ``Conv1D`` base with a frozen bias.
         """
         base = self.base_layer
         plain = type(base) is nn.Linear or (
             type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers")
         )
-        weight, bias = getattr(base, "weight", None), getattr(base, "bias", None)
-        if (
-            not plain
-            or not isinstance(weight, torch.Tensor)
-            or weight.requires_grad
-            or (bias is not None and bias.requires_grad)
-            or x.element_size() < 4
-            or weight.dtype != x.dtype
-            or self._dropout_mask(name, x) is not None
-        ):
+        bias = getattr(base, "bias", None)
+        if not plain or (bias is not None and bias.requires_grad) or not self._merged_weight_pays(name, x):
             return None
-        rank = self.adapters[name].rank
-        tokens = x.numel() // max(x.shape[-1], 1)
-        if not vc.dense_is_cheaper(tokens, self.in_features, self.out_features, rank, backward=torch.is_grad_enabled()):
-            return None
+        weight = self._dense_weight("the merged-weight path")
         A, B = self._projections(name, x.dtype)
         lambda_d, lambda_b = self._vectors(name)
         with _no_autocast(x):
@@ -321,14 +330,27 @@ class VeraLinear(nn.Module):
         frozen = self._frozen(name, weight)
         xc = x.to(dtype)
         with _no_autocast(x):
-            base = self._base_without_bias(xc)
             A, B = self._projections(name, dtype)
             lambda_d, lambda_b = self._vectors(name)
             bias = self.bias
             if bias is not None and not bias.requires_grad:
                 bias = bias.detach()
+            if self._merged_weight_pays(name, xc):
+                return dvora_dense(
+                    xc,
+                    weight,
+                    None if bias is None else bias.to(self.vera_magnitude[name].dtype),
+                    frozen,
+                    A,
+                    B,
+                    self.vera_magnitude[name],
+                    lambda_d,
+                    lambda_b,
+                    fan_in_fan_out=self.fan_in_fan_out,
+                    detach_norm=self.adapters[name].detach_norm,
+                )
             return dvora(
-                base,
+                self._base_without_bias(xc),
                 xc,
                 frozen,
                 A,
