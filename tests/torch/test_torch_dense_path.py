@@ -30,17 +30,22 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Te
     return y.detach(), [x.grad, *grads]
 
 
-@pytest.fixture
-def dense_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+def _count_calls(monkeypatch: pytest.MonkeyPatch, function_name: str) -> list[int]:
+    """Replace ``layers.<function_name>`` by a wrapper that records each call."""
     calls: list[int] = []
-    original = layers.vera_dense
+    original = getattr(layers, function_name)
 
     def counting(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(layers, "vera_dense", counting)
+    monkeypatch.setattr(layers, function_name, counting)
     return calls
+
+
+@pytest.fixture
+def dense_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    return _count_calls(monkeypatch, "vera_dense")
 
 
 def test_many_tokens_take_the_dense_path_with_equal_results(
@@ -67,14 +72,7 @@ def test_few_tokens_dropout_and_bfloat16_stay_factored(dense_calls: list[int]) -
 
 @pytest.mark.parametrize("detach_norm", [False, True])
 def test_dvora_takes_the_dense_path_with_equal_results(monkeypatch: pytest.MonkeyPatch, detach_norm: bool) -> None:
-    calls: list[int] = []
-    original = layers.dvora_dense
-
-    def counting(*args, **kwargs):
-        calls.append(1)
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(layers, "dvora_dense", counting)
+    calls = _count_calls(monkeypatch, "dvora_dense")
 
     def model() -> nn.Module:
         torch.manual_seed(0)
