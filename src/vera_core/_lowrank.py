@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from vera_core._validation import AdapterShape
+from vera_core._validation import AdapterShape, check_adapter
 
 
 def layer_slices(A: Any, B: Any, shape: AdapterShape) -> tuple[Any, Any]:
@@ -81,3 +81,50 @@ def wider(xp: Any, *dtypes: Any) -> Any:
         if int(xp.finfo(dtype).bits) > int(xp.finfo(widest).bits):
             widest = dtype
     return widest
+
+
+def check_on_weight(
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    weight: Any,
+    fan_in_fan_out: bool,
+    *,
+    activation_dtype: Any = None,
+    extra: dict[str, Any] | None = None,
+) -> tuple[Any, AdapterShape]:
+    """:func:`check_adapter` for a layer given by its weight, and ``lambda_b`` against its rows."""
+    out_features, in_features = weight_shape(weight, fan_in_fan_out)
+    xp, shape = check_adapter(
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        in_features,
+        activation_dtype=activation_dtype,
+        extra={"weight": weight, **(extra or {})},
+    )
+    if shape.out_features != out_features:
+        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
+    return xp, shape
+
+
+def shifted_weight(
+    xp: Any,
+    shape: AdapterShape,
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    fan_in_fan_out: bool,
+    *,
+    subtract: bool = False,
+) -> Any:
+    """``W0 + dW`` (or ``W0 - dW``) in float32 or wider, from checked arguments (no checks)."""
+    A_s, B_s = layer_slices(A, B, shape)
+    work = wider(xp, weight.dtype, lambda_d.dtype)
+    C = cast(xp, fold(xp, B_s, lambda_d, lambda_b), work)
+    # the sign goes on the small C (exact negation), not on an extra (out x in) array
+    return cast(xp, weight, work) + delta_weight_matrix(xp, -C if subtract else C, A_s, fan_in_fan_out)

@@ -19,6 +19,7 @@ from array_api_compat import device as device_of
 
 from vera_core import _lowrank as lr
 from vera_core._validation import (
+    AdapterShape,
     check_activations,
     check_adapter,
     check_dense_dtype,
@@ -29,7 +30,6 @@ from vera_core._validation import (
     check_same_shape,
 )
 from vera_core.linear import linear, linear_input_grad
-from vera_core.vera import merge as vera_merge
 
 
 class DvoraFrozen(NamedTuple):
@@ -190,15 +190,17 @@ def dense_norm(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan
 
 def _direction(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, fan_in_fan_out: bool) -> tuple[Any, Any, Any]:
     """``(V, n, xp)``: ``V = W0 + dW`` in the working dtype, its row norms."""
-    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
-    xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, extra={"weight": weight})
-    if shape.out_features != out_features:
-        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
-    A_s, B_s = lr.layer_slices(A, B, shape)
-    work = lr.wider(xp, weight.dtype, lambda_d.dtype)
-    C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), work)
-    V = lr.cast(xp, weight, work) + lr.delta_weight_matrix(xp, C, A_s, fan_in_fan_out)
+    xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out)
+    V = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
     return V, xp.sqrt(_row_sq_norms(xp, V, fan_in_fan_out)), xp
+
+
+def _check_dvora_layer(magnitude: Any, lambda_d: Any, frozen: DvoraFrozen, bias: Any, shape: AdapterShape) -> None:
+    """The DVoRA-only arguments of one layer: magnitude, frozen quantities, bias."""
+    _check_magnitude(magnitude, lambda_d, shape.out_features)
+    _check_frozen(frozen, shape.out_features, shape.rank)
+    if bias is not None:
+        check_same_shape("bias", bias, (shape.out_features,), "lambda_b")
 
 
 def _check_magnitude(magnitude: Any, lambda_d: Any, out_features: int) -> None:
@@ -273,10 +275,7 @@ def dvora_forward(
     check_same_shape("base", base, (*x.shape[:-1], shape.out_features), "x with out_features last")
     if dropout_mask is not None:
         check_same_shape("dropout_mask", dropout_mask, tuple(x.shape), "x")
-    _check_magnitude(magnitude, lambda_d, shape.out_features)
-    _check_frozen(frozen, shape.out_features, shape.rank)
-    if bias is not None:
-        check_same_shape("bias", bias, (shape.out_features,), "lambda_b")
+    _check_dvora_layer(magnitude, lambda_d, frozen, bias, shape)
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
     norm = _gram_norm(xp, frozen, C)
@@ -447,10 +446,9 @@ def dvora_unmerge(
     >>> bool(xp.all(xp.abs(dvora_unmerge(merged, n, A, B, m, d, b) - W) < 1e-5))
     True
     """
-    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
-    xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, extra={"weight": weight, "norm": norm})
-    _check_magnitude(magnitude, lambda_d, out_features)
-    check_same_shape("norm", norm, (out_features,), "lambda_b")
+    xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out, extra={"norm": norm})
+    _check_magnitude(magnitude, lambda_d, shape.out_features)
+    check_same_shape("norm", norm, (shape.out_features,), "lambda_b")
     if bool(xp.any(magnitude == 0)):
         raise ValueError("magnitude has zeros: those rows of the merged weight are zero and cannot be unmerged")
     A_s, B_s = lr.layer_slices(A, B, shape)
@@ -494,28 +492,23 @@ def dvora_forward_dense(
     >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
     True
     """
-    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
-    xp, shape = check_adapter(
+    xp, shape = lr.check_on_weight(
         A,
         B,
         lambda_d,
         lambda_b,
-        in_features,
+        weight,
+        fan_in_fan_out,
         activation_dtype=x.dtype,
-        extra={"x": x, "weight": weight, "magnitude": magnitude, "bias": bias},
+        extra={"x": x, "magnitude": magnitude, "bias": bias},
     )
     check_dense_dtype(xp, x.dtype)
     check_activations("x", x, shape.in_features, "in_features on the last axis")
-    if shape.out_features != out_features:
-        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
-    _check_magnitude(magnitude, lambda_d, shape.out_features)
-    _check_frozen(frozen, shape.out_features, shape.rank)
-    if bias is not None:
-        check_same_shape("bias", bias, (shape.out_features,), "lambda_b")
+    _check_dvora_layer(magnitude, lambda_d, frozen, bias, shape)
     A_s, B_s = lr.layer_slices(A, B, shape)
     norm = _gram_norm(xp, frozen, lr.fold(xp, B_s, lambda_d, lambda_b))
-    merged = lr.cast(xp, vera_merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), x.dtype)
-    z = linear(x, merged, fan_in_fan_out=fan_in_fan_out)
+    shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
+    z = linear(x, lr.cast(xp, shifted, x.dtype), fan_in_fan_out=fan_in_fan_out)
     u = lr.project(xp, x, A_s, None)
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
@@ -556,8 +549,10 @@ def dvora_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - whole)) < 1e-12), dense.base is None
     (True, True)
     """
-    _, in_features = lr.weight_shape(weight, fan_in_fan_out)
-    check_dense_dtype(array_namespace(grad_y), grad_y.dtype)
+    xp, shape = lr.check_on_weight(
+        A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=grad_y.dtype, extra={"grad_y": grad_y}
+    )
+    check_dense_dtype(xp, grad_y.dtype)
     grads = dvora_backward(
         grad_y,
         saved,
@@ -567,14 +562,13 @@ def dvora_backward_dense(
         magnitude,
         lambda_d,
         lambda_b,
-        in_features=in_features,
+        in_features=shape.in_features,
         detach_norm=detach_norm,
         has_bias=has_bias,
         input_grad=False,
     )
     grad_x = None
     if input_grad:
-        xp = array_namespace(grad_y, weight)
-        merged = vera_merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out)
-        grad_x = linear_input_grad(grads.base, lr.cast(xp, merged, grad_y.dtype), fan_in_fan_out=fan_in_fan_out)
+        shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
+        grad_x = linear_input_grad(grads.base, lr.cast(xp, shifted, grad_y.dtype), fan_in_fan_out=fan_in_fan_out)
     return grads._replace(x=grad_x, base=None)

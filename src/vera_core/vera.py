@@ -208,18 +208,11 @@ def delta_weight(
 
 
 def _shift_weight(
-    weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, sign: float, fan_in_fan_out: bool, safe: bool
+    weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, subtract: bool, fan_in_fan_out: bool, safe: bool
 ) -> Any:
-    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
-    xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, extra={"weight": weight})
-    if shape.out_features != out_features:
-        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
-    A_s, B_s = lr.layer_slices(A, B, shape)
-    work = lr.wider(xp, weight.dtype, lambda_d.dtype)
-    C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), work)
-    # the sign goes on the small C (exact negation), not on an extra (out x in) array
-    delta = lr.delta_weight_matrix(xp, C if sign > 0 else -C, A_s, fan_in_fan_out)
-    result = lr.cast(xp, lr.cast(xp, weight, work) + delta, weight.dtype)
+    xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out)
+    shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, subtract=subtract)
+    result = lr.cast(xp, shifted, weight.dtype)
     if safe:
         check_finite(xp, "the merged weight", result)
     return result
@@ -259,7 +252,7 @@ def merge(
     >>> merge(W, A, B, xp.full(4, 0.1), xp.zeros(6)).shape
     (6, 8)
     """
-    return _shift_weight(weight, A, B, lambda_d, lambda_b, 1.0, fan_in_fan_out, safe)
+    return _shift_weight(weight, A, B, lambda_d, lambda_b, False, fan_in_fan_out, safe)
 
 
 def unmerge(
@@ -284,7 +277,7 @@ def unmerge(
     >>> float(xp.max(xp.abs(back))) < 1e-6
     True
     """
-    return _shift_weight(weight, A, B, lambda_d, lambda_b, -1.0, fan_in_fan_out, False)
+    return _shift_weight(weight, A, B, lambda_d, lambda_b, True, fan_in_fan_out, False)
 
 
 def dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int, *, backward: bool = True) -> bool:
@@ -345,18 +338,13 @@ def vera_forward_dense(
     >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
     True
     """
-    xp, shape = check_adapter(
-        A,
-        B,
-        lambda_d,
-        lambda_b,
-        x.shape[-1] if x.ndim else 0,
-        activation_dtype=x.dtype,
-        extra={"x": x, "weight": weight, "bias": bias},
+    xp, shape = lr.check_on_weight(
+        A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=x.dtype, extra={"x": x, "bias": bias}
     )
     check_dense_dtype(xp, x.dtype)
-    merged = lr.cast(xp, merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), x.dtype)
-    y = linear(x, merged, bias, fan_in_fan_out=fan_in_fan_out)
+    check_activations("x", x, shape.in_features, "in_features on the last axis")
+    shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
+    y = linear(x, lr.cast(xp, shifted, x.dtype), bias, fan_in_fan_out=fan_in_fan_out)
     A_s, _ = lr.layer_slices(A, B, shape)
     return y, lr.project(xp, x, A_s, None)
 
@@ -388,19 +376,17 @@ def vera_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - (factored.x + linear_input_grad(g, W)))) < 1e-12)
     True
     """
-    out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
-    xp, shape = check_adapter(
+    xp, shape = lr.check_on_weight(
         A,
         B,
         lambda_d,
         lambda_b,
-        in_features,
+        weight,
+        fan_in_fan_out,
         activation_dtype=grad_y.dtype,
-        extra={"grad_y": grad_y, "u": u, "weight": weight},
+        extra={"grad_y": grad_y, "u": u},
     )
     check_dense_dtype(xp, grad_y.dtype)
-    if shape.out_features != out_features:
-        raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
     check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
     check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
     _, B_s = lr.layer_slices(A, B, shape)
@@ -408,8 +394,8 @@ def vera_backward_dense(
     grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
     grad_x = None
     if input_grad:
-        merged = lr.cast(xp, merge(weight, A, B, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out), grad_y.dtype)
-        grad_x = linear_input_grad(grad_y, merged, fan_in_fan_out=fan_in_fan_out)
+        shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
+        grad_x = linear_input_grad(grad_y, lr.cast(xp, shifted, grad_y.dtype), fan_in_fan_out=fan_in_fan_out)
     return VeraGrads(grad_x, grad_d, grad_b)
 
 
