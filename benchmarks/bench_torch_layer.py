@@ -11,11 +11,19 @@ middle of a network) and the base weight frozen. Reported: median and best time 
 ``--repeats`` after ``--warmup`` runs (the variants interleaved, so machine noise hits all
 alike), the ratios to the bare layer, and the activation memory:
 
-* CPU: bytes of the tensors autograd saves for backward (``saved_tensors_hooks``),
+* saved: bytes of the tensors autograd saves for backward (``saved_tensors_hooks``),
   counted once per storage, weights, other parameters/buffers and the shared
-  projections excluded (the input ``x``, saved by the frozen Linear, is counted);
-* CUDA: ``torch.cuda.max_memory_allocated`` during forward+backward minus the memory
-  held before (weights, projections and inputs), i.e. activations plus temporaries.
+  projections excluded (the input ``x``, saved by the frozen Linear, is counted):
+  what a layer in a deep network holds from its forward until its backward;
+* CUDA peak: ``torch.cuda.max_memory_allocated`` during forward+backward minus the
+  memory held before (weights, projections and inputs), i.e. output, input gradient,
+  saved tensors and temporaries.
+
+On CUDA each timed sample runs ``--inner`` steps back to back between synchronisations
+(as in training, where the host queues work ahead of the GPU) and reports the time per step.
+The CUDA table also gives the GPU kernel time per step (torch.profiler), which leaves
+out the host's dispatch overhead: where the host is the bottleneck, the wall-clock time
+exceeds it. ``--profile VARIANT ...`` prints the CUDA kernels of one step of each (torch.profiler).
 
 Variants: ``bare`` (frozen ``nn.Linear``), ``vera`` (vera_torch, r=256), ``peft-vera``
 (PEFT ``VeraConfig(r=256)``), ``dvora`` (vera_torch DVoRA, r=256), ``peft-dora``
@@ -118,27 +126,33 @@ def make_step(model: nn.Module, tokens: int, n_in: int, n_out: int, device: str,
     return step, x
 
 
-def activation_mib(model: nn.Module, step: Callable[[], torch.Tensor], device: str) -> float:
-    """Activation memory of one forward + backward (see the module docstring)."""
-    if device == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        step()
-        _sync(device)
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
+def saved_mib(model: nn.Module, step: Callable[[], torch.Tensor]) -> float:
+    """MiB autograd saves for backward in one step (see the module docstring)."""
+    step()  # first: the projections' casts to the compute dtype are cached (held once per model)
     exclude = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
     state = getattr(model, "vera_state", None)
-    if state is not None:
+    if state is not None:  # the shared projections and their cached casts are held once per model
         for key in state.projections.keys_by_name.values():
             exclude.update(t.untyped_storage().data_ptr() for t in state.projections.get(key))
+        exclude.update(t.untyped_storage().data_ptr() for pair in state.projections._cast_cache.values() for t in pair)
     return _saved_bytes(step, exclude) / 2**20
 
 
+def peak_mib(step: Callable[[], torch.Tensor]) -> float:
+    """CUDA: peak MiB allocated during one step beyond what was held before it."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - before) / 2**20
+
+
 def time_round_robin(
-    steps: dict[str, Callable[[], torch.Tensor]], device: str, warmup: int, repeats: int
+    steps: dict[str, Callable[[], torch.Tensor]], device: str, warmup: int, repeats: int, inner: int
 ) -> dict[str, tuple[float, float]]:
-    """(median, best) seconds per variant, interleaved so that machine noise hits all alike."""
+    """(median, best) seconds per step of each variant, interleaved so that noise hits all alike."""
     for _ in range(warmup):
         for step in steps.values():
             step()
@@ -147,10 +161,37 @@ def time_round_robin(
         for name, step in steps.items():
             _sync(device)
             start = time.perf_counter()
-            step()
+            for _ in range(inner):
+                step()
             _sync(device)
-            times[name].append(time.perf_counter() - start)
+            times[name].append((time.perf_counter() - start) / inner)
     return {name: (statistics.median(values), min(values)) for name, values in times.items()}
+
+
+def kernel_ms(step: Callable[[], torch.Tensor], steps: int = 5) -> float:
+    """CUDA: milliseconds of GPU kernels (and device copies) per step, host overhead excluded."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            step()
+        torch.cuda.synchronize()
+    return sum(event.self_device_time_total for event in prof.key_averages()) / steps / 1e3
+
+
+def profile(step: Callable[[], torch.Tensor], rows: int = 25) -> None:
+    """Print the CUDA kernels of one step, most time first."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    step()
+    torch.cuda.synchronize()
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows))
 
 
 def main() -> None:
@@ -163,6 +204,8 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--inner", type=int, default=None, help="steps per timed sample (default: 10 CUDA, 1 CPU)")
+    parser.add_argument("--profile", nargs="+", choices=VARIANTS, default=[], help="print one step's CUDA kernels")
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
@@ -170,34 +213,50 @@ def main() -> None:
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
     print(f"# torch {torch.__version__}, {args.device} ({where}), {args.dtype}, threads={torch.get_num_threads()}")
-    print("| tokens x in x out | variant | median ms | vs bare | best ms | vs bare | activation MiB | extra vs bare |")
-    print("|---|---|---|---|---|---|---|---|")
+    inner = args.inner or (10 if args.device == "cuda" else 1)
+    cuda = args.device == "cuda"
+    print(
+        "| tokens x in x out | variant | median ms | vs bare | best ms | vs bare | saved MiB | extra vs bare |"
+        + (" CUDA peak MiB | extra vs bare | GPU kernel ms | vs bare |" if cuda else "")
+    )
+    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if cuda else ""))
     for size in args.sizes:
         tokens, n_in, n_out = (int(v) for v in size.split("x"))
-        models, steps, memory = {}, {}, {}
+        models, steps, saved, peak, kernels = {}, {}, {}, {}, {}
         for variant in args.variants:
             model = build(variant, n_in, n_out, args.rank, args.device, dtype)
             if model is None:
-                print(f"| {size} | {variant} | skipped (peft not installed) | | | |")
+                print(f"| {size} | {variant} | skipped (peft not installed) | | | | | |")
                 continue
             models[variant] = model
             steps[variant], _ = make_step(model, tokens, n_in, n_out, args.device, dtype)
-            memory[variant] = activation_mib(model, steps[variant], args.device)
-        seconds = time_round_robin(steps, args.device, args.warmup, args.repeats)
+            saved[variant] = saved_mib(model, steps[variant])
+            if cuda:
+                peak[variant] = peak_mib(steps[variant])
+                kernels[variant] = kernel_ms(steps[variant])
+        seconds = time_round_robin(steps, args.device, args.warmup, args.repeats, inner)
         bare_median, bare_best = seconds.get("bare", (None, None))
-        bare_mem = memory.get("bare")
         for variant, (median, best) in seconds.items():
             ratio = f"{median / bare_median:.2f}x" if bare_median else ""
             best_ratio = f"{best / bare_best:.2f}x" if bare_best else ""
-            extra = f"{memory[variant] - bare_mem:.1f}" if bare_mem is not None else ""
-            print(
-                f"| {size} | {variant} | {median * 1e3:.1f} | {ratio} | {best * 1e3:.1f} | {best_ratio} "
-                f"| {memory[variant]:.1f} | {extra} |",
-                flush=True,
-            )
+            row = f"| {size} | {variant} | {median * 1e3:.3f} | {ratio} | {best * 1e3:.3f} | {best_ratio} "
+            row += f"| {saved[variant]:.1f} | {_extra(saved, variant)} |"
+            if cuda:
+                row += f" {peak[variant]:.1f} | {_extra(peak, variant)} | {kernels[variant]:.3f} |"
+                row += f" {kernels[variant] / kernels['bare']:.2f}x |" if "bare" in kernels else " |"
+            print(row, flush=True)
         tokens_r = tokens * args.rank * torch.finfo(dtype).bits / 8 / 2**20
-        print(f"| {size} | (tokens x r allowance) | | | | | | {tokens_r:.1f} |", flush=True)
+        allowance = f"| {size} | (tokens x r allowance) | | | | | | {tokens_r:.1f} |"
+        print(allowance + (" | | | |" if cuda else ""), flush=True)
+        for variant in args.profile:
+            if variant in steps:
+                print(f"\n### {size} {variant}: CUDA kernels of one step\n")
+                profile(steps[variant])
         del models, steps
+
+
+def _extra(mib: dict[str, float], variant: str) -> str:
+    return f"{mib[variant] - mib['bare']:.1f}" if "bare" in mib else ""
 
 
 if __name__ == "__main__":

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from vera_core._validation import AdapterShape, check_adapter
+from vera_core._fused import matmul_add
+from vera_core._validation import AdapterShape, check_adapter, is_half
 
 
 def layer_slices(A: Any, B: Any, shape: AdapterShape) -> tuple[Any, Any]:
@@ -31,7 +32,7 @@ def project(xp: Any, x: Any, A_s: Any, dropout_mask: Any) -> Any:
     """``u = (x * mask) A_s^T`` (..., r) in the dtype of ``x``."""
     if dropout_mask is not None:
         x = x * dropout_mask
-    return xp.matmul(x, cast(xp, A_s, x.dtype).T)
+    return x @ cast(xp, A_s, x.dtype).T
 
 
 def flatten_tokens(xp: Any, array: Any) -> Any:
@@ -41,7 +42,7 @@ def flatten_tokens(xp: Any, array: Any) -> Any:
 
 def token_gram(xp: Any, grad: Any, u: Any, dtype: Any) -> Any:
     """``grad^T u`` summed over every token (out x r), returned in ``dtype``."""
-    total = xp.matmul(flatten_tokens(xp, grad).T, flatten_tokens(xp, u))
+    total = flatten_tokens(xp, grad).T @ flatten_tokens(xp, u)
     return cast(xp, total, dtype)
 
 
@@ -55,14 +56,14 @@ def vector_grads(xp: Any, grad_C: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -
 
 def input_grad(xp: Any, grad: Any, C: Any, A_s: Any, dropout_mask: Any) -> Any:
     """``dL/dx`` of the adapter term: ``((grad C) A_s) * mask``."""
-    grad_u = xp.matmul(grad, cast(xp, C, grad.dtype))
-    grad_x = xp.matmul(grad_u, cast(xp, A_s, grad.dtype))
+    grad_u = grad @ cast(xp, C, grad.dtype)
+    grad_x = grad_u @ cast(xp, A_s, grad.dtype)
     return grad_x if dropout_mask is None else grad_x * dropout_mask
 
 
 def delta_weight_matrix(xp: Any, C: Any, A_s: Any, fan_in_fan_out: bool) -> Any:
     """``C A_s`` (out x in), transposed to (in x out) for ``fan_in_fan_out`` layouts."""
-    delta = xp.matmul(C, cast(xp, A_s, C.dtype))
+    delta = C @ cast(xp, A_s, C.dtype)
     return delta.T if fan_in_fan_out else delta
 
 
@@ -128,3 +129,28 @@ def shifted_weight(
     C = cast(xp, fold(xp, B_s, lambda_d, lambda_b), work)
     # the sign goes on the small C (exact negation), not on an extra (out x in) array
     return cast(xp, weight, work) + delta_weight_matrix(xp, -C if subtract else C, A_s, fan_in_fan_out)
+
+
+def merged_weight(
+    xp: Any,
+    shape: AdapterShape,
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    fan_in_fan_out: bool,
+    dtype: Any,
+) -> Any:
+    """``W0 + dW`` in the activations' ``dtype``, for the merged-weight (dense) products.
+
+    float32 or wider: :func:`shifted_weight`, cast. 16-bit: ``C A_s`` as a 16-bit product
+    (float32 accumulation) added to ``W0`` in the product's epilogue where the library fuses
+    it, so the sum is rounded to 16 bits once, like the output of the factored form.
+    """
+    if not is_half(xp, dtype):
+        return cast(xp, shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out), dtype)
+    A_s, B_s = layer_slices(A, B, shape)
+    C = cast(xp, fold(xp, B_s, lambda_d, lambda_b), dtype)
+    A_h, W = cast(xp, A_s, dtype), cast(xp, weight, dtype)
+    return matmul_add(xp, W, A_h.T, C.T) if fan_in_fan_out else matmul_add(xp, W, C, A_h)

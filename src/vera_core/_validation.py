@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
+from array_api_compat import array_namespace, is_torch_array
 from array_api_compat import device as device_of
 
 
@@ -33,9 +33,14 @@ def is_half(xp: Any, dtype: Any) -> bool:
     return int(xp.finfo(dtype).bits) == 16
 
 
+def _device(array: Any) -> Any:
+    # a torch tensor's own attribute: array-api-compat's generic device() costs more than small products
+    return array.device if is_torch_array(array) else device_of(array)
+
+
 def check_same_device(named_arrays: dict[str, Any]) -> None:
     """Raise ValueError when the arrays live on different devices."""
-    devices = {name: device_of(a) for name, a in named_arrays.items() if a is not None}
+    devices = {name: _device(a) for name, a in named_arrays.items() if a is not None}
     # tracers (JAX transformations) report no device: they cannot disagree with one
     devices = {name: dev for name, dev in devices.items() if dev is not None}
     if not devices:
@@ -145,12 +150,3 @@ def check_finite(xp: Any, name: str, array: Any) -> None:
     """Raise ValueError when ``array`` holds NaN or infinity."""
     if not bool(xp.all(xp.isfinite(array))):
         raise ValueError(f"{name} contains NaN or infinity; refusing to merge (merge with safe=False to force)")
-
-
-def check_dense_dtype(xp: Any, dtype: Any) -> None:
-    """Raise TypeError for 16-bit activations in a merged-weight (dense) formulation."""
-    if int(xp.finfo(dtype).bits) < 32:
-        raise TypeError(
-            f"the dense formulation rounds W0 + delta W to the activations' dtype {dtype}, which would swamp "
-            "delta W; use the factored functions for 16-bit activations"
-        )

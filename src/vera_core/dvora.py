@@ -15,14 +15,13 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace
-from array_api_compat import device as device_of
 
 from vera_core import _lowrank as lr
+from vera_core._fused import scale_add
 from vera_core._validation import (
     AdapterShape,
     check_activations,
     check_adapter,
-    check_dense_dtype,
     check_finite,
     check_ndim,
     check_positive_int,
@@ -145,9 +144,10 @@ def _gram_norm(xp: Any, frozen: DvoraFrozen, C: Any) -> Any:
     proj = frozen.weight_proj
     work = proj.dtype
     Cw = lr.cast(xp, C, work)
-    sq = frozen.weight_sq_norm + 2.0 * xp.sum(proj * Cw, axis=1) + xp.sum(xp.matmul(Cw, frozen.gram) * Cw, axis=1)
-    # maximum, not clip: array-api-compat's clip synchronises CuPy (boolean indexing)
-    tiny = xp.asarray(float(xp.finfo(work).smallest_normal), dtype=work, device=device_of(sq))
+    sq = frozen.weight_sq_norm + 2.0 * xp.sum(proj * Cw, axis=1) + xp.sum((Cw @ frozen.gram) * Cw, axis=1)
+    # maximum, not clip: array-api-compat's clip synchronises CuPy (boolean indexing); the bound is
+    # filled on the device (asarray of a Python float would be a synchronising host-to-device copy)
+    tiny = xp.full_like(sq, float(xp.finfo(work).smallest_normal))
     return xp.sqrt(xp.maximum(sq, tiny))
 
 
@@ -280,14 +280,14 @@ def dvora_forward(
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
     norm = _gram_norm(xp, frozen, C)
     u = lr.project(xp, x, A_s, dropout_mask)
-    z = base + xp.matmul(u, lr.cast(xp, C, x.dtype).T)
+    z = base + u @ lr.cast(xp, C, x.dtype).T
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
 
 def _scaled(xp: Any, z: Any, magnitude: Any, norm: Any, bias: Any) -> Any:
     """``(m / n) * z + bias`` in the dtype of ``z``."""
-    y = z * lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), z.dtype)
-    return y if bias is None else y + lr.cast(xp, bias, z.dtype)
+    scale = lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), z.dtype)
+    return scale_add(xp, z, scale, None if bias is None else lr.cast(xp, bias, z.dtype))
 
 
 def dvora_backward(
@@ -305,10 +305,11 @@ def dvora_backward(
     has_bias: bool = False,
     dropout_mask: Any = None,
     input_grad: bool = True,
+    base_grad: bool = True,
 ) -> DvoraGrads:
     """Analytic DVoRA gradients, exact or with the norm treated as a constant.
 
-    With ``s = m / n``, ``q_i = sum_t grad_y_ti z_ti`` and ``G = (grad_y * s)^T u``:
+    With ``s = m / n``, ``q_i = sum_t grad_y_ti z_ti`` and ``G = diag(s) grad_y^T u``:
     ``dL/dm = q / n``; ``dL/dC = G - (q m / n^3)[:, None] * (W0 A_s^T + C A_s A_s^T)``
     (the second term only when ``detach_norm`` is False, DoRA section 4.3), chained to
     the vectors through ``C = diag(lambda_b) B_s diag(lambda_d)``.
@@ -331,6 +332,8 @@ def dvora_backward(
         The forward's mask.
     input_grad : bool
         Compute the adapter path's ``dL/dx``.
+    base_grad : bool
+        Compute ``dL/dbase`` (tokens x out); False returns ``base=None``.
 
     Returns
     -------
@@ -371,20 +374,20 @@ def dvora_backward(
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
     n = lr.cast(xp, norm, vec)
     scale = magnitude / n
-    grad_z = grad_y * lr.cast(xp, scale, grad_y.dtype)
     flat_g, flat_z = lr.flatten_tokens(xp, grad_y), lr.flatten_tokens(xp, z)
     q = xp.sum(flat_g * flat_z, axis=0, dtype=vec)
     grad_m = q / n
-    grad_C = lr.token_gram(xp, grad_z, u, vec)
+    grad_C = scale[:, None] * lr.token_gram(xp, grad_y, u, vec)
     if not detach_norm:
         grad_sq = -(q * magnitude) / (n * n * n)  # dL/dn / n
         Cw = lr.cast(xp, C, frozen.gram.dtype)
-        direction = frozen.weight_proj + xp.matmul(Cw, frozen.gram)
+        direction = frozen.weight_proj + Cw @ frozen.gram
         grad_C = grad_C + lr.cast(xp, grad_sq[:, None] * lr.cast(xp, direction, vec), vec)
     grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
+    grad_z = grad_y * lr.cast(xp, scale, grad_y.dtype) if input_grad or base_grad else None
     grad_x = lr.input_grad(xp, grad_z, C, A_s, dropout_mask) if input_grad else None
     grad_bias = xp.sum(flat_g, axis=0, dtype=vec) if has_bias else None
-    return DvoraGrads(grad_x, grad_z, grad_m, grad_d, grad_b, grad_bias)
+    return DvoraGrads(grad_x, grad_z if base_grad else None, grad_m, grad_d, grad_b, grad_bias)
 
 
 def dvora_merge(
@@ -476,8 +479,8 @@ def dvora_forward_dense(
     """:func:`dvora_forward` through the merged weight: ``z = x (W0 + dW)^T`` in one product.
 
     Cheaper for many tokens (:func:`vera_core.dense_is_cheaper`); needs the frozen
-    weight, float32 or wider activations and no dropout. Saves what :func:`dvora_forward`
-    saves; use :func:`dvora_backward_dense`.
+    weight and no dropout (16-bit activations: see :func:`vera_core.vera_forward_dense`).
+    Saves what :func:`dvora_forward` saves; use :func:`dvora_backward_dense`.
 
     Examples
     --------
@@ -502,13 +505,12 @@ def dvora_forward_dense(
         activation_dtype=x.dtype,
         extra={"x": x, "magnitude": magnitude, "bias": bias},
     )
-    check_dense_dtype(xp, x.dtype)
     check_activations("x", x, shape.in_features, "in_features on the last axis")
     _check_dvora_layer(magnitude, lambda_d, frozen, bias, shape)
     A_s, B_s = lr.layer_slices(A, B, shape)
     norm = _gram_norm(xp, frozen, lr.fold(xp, B_s, lambda_d, lambda_b))
-    shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
-    z = linear(x, lr.cast(xp, shifted, x.dtype), fan_in_fan_out=fan_in_fan_out)
+    merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, x.dtype)
+    z = linear(x, merged, fan_in_fan_out=fan_in_fan_out)
     u = lr.project(xp, x, A_s, None)
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
@@ -552,7 +554,6 @@ def dvora_backward_dense(
     xp, shape = lr.check_on_weight(
         A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=grad_y.dtype, extra={"grad_y": grad_y}
     )
-    check_dense_dtype(xp, grad_y.dtype)
     grads = dvora_backward(
         grad_y,
         saved,
@@ -566,9 +567,12 @@ def dvora_backward_dense(
         detach_norm=detach_norm,
         has_bias=has_bias,
         input_grad=False,
+        base_grad=False,
     )
     grad_x = None
-    if input_grad:
-        shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
-        grad_x = linear_input_grad(grads.base, lr.cast(xp, shifted, grad_y.dtype), fan_in_fan_out=fan_in_fan_out)
-    return grads._replace(x=grad_x, base=None)
+    if input_grad:  # (grad_y * s) (W0 + dW) as grad_y (s * (W0 + dW)): the scale goes on the smaller array
+        merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, grad_y.dtype)
+        scale = lr.cast(xp, magnitude / lr.cast(xp, saved.norm, magnitude.dtype), grad_y.dtype)
+        scaled = merged * (scale[None, :] if fan_in_fan_out else scale[:, None])
+        grad_x = linear_input_grad(grad_y, scaled, fan_in_fan_out=fan_in_fan_out)
+    return grads._replace(x=grad_x)

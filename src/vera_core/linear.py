@@ -6,6 +6,7 @@ from typing import Any
 
 from array_api_compat import array_namespace
 
+from vera_core import _fused
 from vera_core import _lowrank as lr
 from vera_core._validation import check_activations, check_same_device, check_same_shape
 
@@ -23,11 +24,10 @@ def linear(x: Any, weight: Any, bias: Any = None, *, fan_in_fan_out: bool = Fals
     out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
     check_activations("x", x, in_features, "in_features on the last axis")
     check_same_device({"x": x, "weight": weight, "bias": bias})
-    y = xp.matmul(x, lr.cast(xp, weight if fan_in_fan_out else weight.T, x.dtype))
     if bias is not None:
         check_same_shape("bias", bias, (out_features,), "(out_features,)")
-        y = y + lr.cast(xp, bias, x.dtype)
-    return y
+        bias = lr.cast(xp, bias, x.dtype)
+    return _fused.linear(xp, x, lr.cast(xp, weight if fan_in_fan_out else weight.T, x.dtype), bias)
 
 
 def linear_input_grad(grad_y: Any, weight: Any, *, fan_in_fan_out: bool = False) -> Any:
@@ -42,4 +42,4 @@ def linear_input_grad(grad_y: Any, weight: Any, *, fan_in_fan_out: bool = False)
     xp = array_namespace(grad_y, weight)
     out_features, _ = lr.weight_shape(weight, fan_in_fan_out)
     check_activations("grad_y", grad_y, out_features, "out_features on the last axis")
-    return xp.matmul(grad_y, lr.cast(xp, weight.T if fan_in_fan_out else weight, grad_y.dtype))
+    return grad_y @ lr.cast(xp, weight.T if fan_in_fan_out else weight, grad_y.dtype)

@@ -19,7 +19,6 @@ from vera_core import _lowrank as lr
 from vera_core._validation import (
     check_activations,
     check_adapter,
-    check_dense_dtype,
     check_finite,
     check_ndim,
     check_positive_int,
@@ -107,7 +106,7 @@ def vera_forward(
     A_s, B_s = lr.layer_slices(A, B, shape)
     u = lr.project(xp, x, A_s, dropout_mask)
     C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), x.dtype)
-    delta = xp.matmul(u, C.T)
+    delta = u @ C.T
     return (delta if base is None else base + delta), u
 
 
@@ -317,8 +316,9 @@ def vera_forward_dense(
 
     Equal to ``vera_forward(x, ..., base=linear(x, W0, bias))`` up to rounding, and
     cheaper when :func:`dense_is_cheaper` says so (many tokens). Needs the frozen weight
-    (not for quantised bases), float32 or wider activations, and no dropout (the base
-    path would see the dropped input).
+    (not for quantised bases) and no dropout (the base path would see the dropped input).
+    With 16-bit activations ``W0 + dW`` is rounded to their dtype once (see
+    ``docs/concepts.md``): as accurate as the factored form, whose output is rounded too.
 
     Returns
     -------
@@ -341,10 +341,9 @@ def vera_forward_dense(
     xp, shape = lr.check_on_weight(
         A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=x.dtype, extra={"x": x, "bias": bias}
     )
-    check_dense_dtype(xp, x.dtype)
     check_activations("x", x, shape.in_features, "in_features on the last axis")
-    shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
-    y = linear(x, lr.cast(xp, shifted, x.dtype), bias, fan_in_fan_out=fan_in_fan_out)
+    merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, x.dtype)
+    y = linear(x, merged, bias, fan_in_fan_out=fan_in_fan_out)
     A_s, _ = lr.layer_slices(A, B, shape)
     return y, lr.project(xp, x, A_s, None)
 
@@ -386,7 +385,6 @@ def vera_backward_dense(
         activation_dtype=grad_y.dtype,
         extra={"grad_y": grad_y, "u": u},
     )
-    check_dense_dtype(xp, grad_y.dtype)
     check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
     check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
     _, B_s = lr.layer_slices(A, B, shape)
@@ -394,8 +392,8 @@ def vera_backward_dense(
     grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
     grad_x = None
     if input_grad:
-        shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
-        grad_x = linear_input_grad(grad_y, lr.cast(xp, shifted, grad_y.dtype), fan_in_fan_out=fan_in_fan_out)
+        merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, grad_y.dtype)
+        grad_x = linear_input_grad(grad_y, merged, fan_in_fan_out=fan_in_fan_out)
     return VeraGrads(grad_x, grad_d, grad_b)
 
 

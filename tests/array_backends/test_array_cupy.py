@@ -82,14 +82,7 @@ def training_step(
     return loss
 
 
-CORE_CLIP_SYNC = pytest.mark.xfail(
-    reason="vera_core's DVoRA norm calls xp.clip(min=...), which array-api-compat implements for CuPy with "
-    "boolean-mask indexing: a device synchronisation per forward",
-    strict=False,
-)
-
-
-@pytest.mark.parametrize("dvora", [False, pytest.param(True, marks=CORE_CLIP_SYNC)])
+@pytest.mark.parametrize("dvora", [False, True])
 def test_training_stays_on_the_device(cupy: Any, vera_cupy: Any, monkeypatch: pytest.MonkeyPatch, dvora: bool) -> None:
     model = vera_cupy.add_vera(host_weights(), "all-linear", r=4, dvora=dvora, bias="vera_only", dropout=0.1)
     net = Sequential({"a": model.layer("enc.0.fc"), "act": ReLU(), "b": model.layer("enc.1.fc")})

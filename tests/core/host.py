@@ -11,6 +11,8 @@ def to_numpy(array: Any) -> np.ndarray:
     """A NumPy copy of a CPU or CUDA array of any tested backend (float16 and wider)."""
     if type(array).__module__.startswith("cupy"):
         return array.get()
+    if type(array).__module__.startswith("jax"):  # possibly on a GPU, which DLPack cannot hand to NumPy
+        return np.asarray(array)
     if hasattr(array, "cpu"):  # torch, possibly on CUDA
         array = array.cpu()
     return np.from_dlpack(array)

@@ -58,13 +58,61 @@ def test_dense_equals_factored(xp: Any, device: Any, dtype_name: str, fan_in_fan
         np.testing.assert_allclose(got, want, rtol=0, atol=200 * eps * scale)
 
 
-def test_dense_refuses_16_bit_activations(xp: Any, device: Any) -> None:
-    half = require_dtype(xp, device, "float16")
-    p = _problem(xp, device, xp.float32, False)
-    with pytest.raises(TypeError, match="swamp"):
-        vc.vera_forward_dense(
-            xp.astype(p["x"], half), xp.astype(p["weight"], half), p["A"], p["B"], p["lambda_d"], p["lambda_b"]
-        )
+def _rms(array: np.ndarray) -> float:
+    return float(np.sqrt(np.mean(np.square(array.astype(np.float64)))))
+
+
+HALF_SHAPE = {"tokens": 64, "in": 48, "out": 40, "rank": 16}
+
+
+def _half_problem(xp: Any, device: Any, half: Any, fan_in_fan_out: bool) -> tuple[dict[str, Any], dict[str, Any]]:
+    """16-bit activations and weight with float32 vectors, and the same values in float64."""
+    rng = np.random.default_rng(3)
+    s = HALF_SHAPE
+    host = {
+        "x": rng.standard_normal((s["tokens"], s["in"])),
+        "weight": 0.2 * rng.standard_normal((s["in"], s["out"]) if fan_in_fan_out else (s["out"], s["in"])),
+        "bias": rng.standard_normal(s["out"]),
+        "grad_y": rng.standard_normal((s["tokens"], s["out"])),
+    }
+    vectors = {"lambda_d": 0.1 + 0.05 * rng.standard_normal(s["rank"]), "lambda_b": 0.5 * rng.standard_normal(s["out"])}
+    low = {k: xp.asarray(v, dtype=half, device=device) for k, v in host.items()}
+    low |= {k: xp.asarray(v, dtype=xp.float32, device=device) for k, v in vectors.items()}
+    low["A"], low["B"] = vc.generate_projections(9, s["rank"], s["in"], s["out"], xp=xp, device=device)
+    wide = {k: xp.astype(v, xp.float64) for k, v in low.items()}
+    return low, wide
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("half_name", ["float16", "bfloat16"])
+def test_dense_16_bit_is_as_accurate_as_factored(xp: Any, device: Any, half_name: str, fan_in_fan_out: bool) -> None:
+    """16-bit merged weight: errors against float64 (same inputs) no larger than the factored form's."""
+    half = require_dtype(xp, device, half_name)
+    require_dtype(xp, device, "float64")
+    low, wide = _half_problem(xp, device, half, fan_in_fan_out)
+    flip = {"fan_in_fan_out": fan_in_fan_out}
+
+    def host(array: Any) -> np.ndarray:
+        return to_numpy(xp.astype(array, xp.float64))
+
+    def run(p: dict[str, Any], dense: bool) -> list[np.ndarray]:
+        vectors = (p["A"], p["B"], p["lambda_d"], p["lambda_b"])
+        if dense:
+            y, u = vc.vera_forward_dense(p["x"], p["weight"], *vectors, bias=p["bias"], **flip)
+            grads = vc.vera_backward_dense(p["grad_y"], u, p["weight"], *vectors, **flip)
+            return [host(a) for a in (y, grads.x, grads.lambda_d, grads.lambda_b)]
+        y, u = vc.vera_forward(p["x"], *vectors, base=vc.linear(p["x"], p["weight"], p["bias"], **flip))
+        grads = vc.vera_backward(p["grad_y"], u, *vectors, in_features=HALF_SHAPE["in"])
+        grad_x = host(grads.x) + host(vc.linear_input_grad(p["grad_y"], p["weight"], **flip))
+        return [host(y), grad_x, host(grads.lambda_d), host(grads.lambda_b)]
+
+    exact = run(wide, dense=False)
+    eps = float(np.finfo(np.float16).eps) if half_name == "float16" else 2.0**-7
+    names = ("y", "x", "lambda_d", "lambda_b")
+    for name, got, baseline, want in zip(names, run(low, True), run(low, False), exact, strict=True):
+        error, baseline_error = _rms(got - want), _rms(baseline - want)
+        assert error <= 1.5 * baseline_error + 1e-6 * _rms(want), (name, error, baseline_error)
+        assert error <= 2 * eps * _rms(want), (name, error, _rms(want))
 
 
 @pytest.mark.parametrize(

@@ -278,8 +278,8 @@ class AdaptedLinear(Layer):
         return xp.reshape(keep, x.shape)
 
     def _use_dense(self, x: Any) -> bool:
-        """The merged-weight formulation where it is valid (no dropout, float32+) and cheaper."""
-        if self._mask is not None or int(self.xp.finfo(x.dtype).bits) < 32:
+        """The merged-weight formulation where it is valid (no dropout) and cheaper."""
+        if self._mask is not None:
             return False
         tokens = math.prod(x.shape[:-1])
         return vc.dense_is_cheaper(tokens, self.in_features, self.out_features, self.lambda_d.shape[0])

@@ -289,18 +289,15 @@ class VeraLinear(nn.Module):
     def _merged_weight_pays(self, name: str, x: torch.Tensor) -> bool:
         """Whether the merged-weight formulation applies and needs fewer multiply-adds.
 
-        It applies with a frozen floating weight of the activations' dtype, float32 or
-        wider (rounding ``W0 + dW`` to 16 bits would swamp ``dW``) and no dropout in effect.
+        It applies with a frozen floating weight of the activations' dtype (or any floating
+        weight under autocast, which casts it anyway) and no dropout in effect. With 16-bit
+        activations ``W0 + dW`` is rounded to 16 bits once, as the factored output is.
         """
         weight = getattr(self.base_layer, "weight", None)
         dropout = self.training and self.adapters[name].dropout > 0.0
-        if (
-            dropout
-            or not isinstance(weight, torch.Tensor)
-            or weight.requires_grad
-            or weight.dtype != x.dtype
-            or x.element_size() < 4
-        ):
+        if dropout or not isinstance(weight, torch.Tensor) or weight.requires_grad or not weight.is_floating_point():
+            return False
+        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             return False
         tokens = x.numel() // max(x.shape[-1], 1)
         rank = self.adapters[name].rank

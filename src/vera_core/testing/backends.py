@@ -99,6 +99,9 @@ def _load_jax() -> tuple[Any, Any, Any]:
     import jax
 
     jax.config.update("jax_enable_x64", True)
+    # on GPUs JAX's default float32 products use TensorFloat-32 (10-bit mantissas); the
+    # checks compare at float32 precision, as users who need it set it
+    jax.config.update("jax_default_matmul_precision", "highest")
     import jax.numpy as xp
 
     devices = jax.devices()
@@ -116,7 +119,8 @@ BACKENDS: Mapping[str, Backend] = {
         Backend("jax", "jax", _load_jax),
     )
 }
-"""Every backend the tests know, by name. JAX runs with ``jax_enable_x64`` so float64 is checked."""
+"""Every backend the tests know, by name. JAX runs with ``jax_enable_x64`` (so float64 is checked)
+and ``jax_default_matmul_precision="highest"`` (so float32 products are float32 on GPUs too)."""
 
 
 def _nvidia_gpu_present() -> bool:
