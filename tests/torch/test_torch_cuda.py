@@ -10,7 +10,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
-from torch_helpers import TinyLM, randomize_vectors  # noqa: E402
+from torch_helpers import TinyLM, one_adapter_per_row, randomize_vectors  # noqa: E402
 
 import vera_torch as vt  # noqa: E402
 
@@ -92,15 +92,7 @@ def test_mixed_adapter_batch_on_gpu() -> None:
     names = ["a", "b", "__base__", "b"]
     ids = _ids(batch=len(names)).cuda()
     mixed = model(ids, adapter_names=names)
-    rows = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with vt.disable_adapters(model):
-                rows.append(model(ids[i : i + 1]))
-        else:
-            vt.set_adapter(model, name)
-            rows.append(model(ids[i : i + 1]))
-    torch.testing.assert_close(mixed, torch.cat(rows), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(mixed, one_adapter_per_row(model, ids, names), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("dvora", [False, True])

@@ -7,7 +7,7 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
-from torch_helpers import Conv1D, Int8Linear, TinyLM, randomize_vectors  # noqa: E402
+from torch_helpers import Conv1D, Int8Linear, TinyLM, one_adapter_per_row, randomize_vectors  # noqa: E402
 
 import vera_core as vc  # noqa: E402
 import vera_torch as vt  # noqa: E402
@@ -175,15 +175,7 @@ def test_mixed_adapter_batch_matches_per_adapter_loop():
     names = ["a", "b", "__base__", "c", "b", "a"]
     ids = _ids(batch=len(names))
     mixed = model(ids, adapter_names=names)
-    rows = []
-    for i, name in enumerate(names):
-        if name == "__base__":
-            with vt.disable_adapters(model):
-                rows.append(model(ids[i : i + 1]))
-        else:
-            vt.set_adapter(model, name)
-            rows.append(model(ids[i : i + 1]))
-    torch.testing.assert_close(mixed, torch.cat(rows), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(mixed, one_adapter_per_row(model, ids, names), atol=1e-5, rtol=1e-5)
     assert model.vera_state.shared.batch_adapter_names is None  # cleared after the call
 
     # a mixed batch trains: each row's loss reaches only its own adapter's vectors

@@ -75,3 +75,18 @@ def randomize_vectors(model: nn.Module, seed: int = 0) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * 0.5)
             if "vera_magnitude" in name:
                 param.abs_().add_(0.5)
+
+
+def one_adapter_per_row(model: nn.Module, ids: torch.Tensor, names: list[str]) -> torch.Tensor:
+    """The reference for a mixed-adapter batch: each row run alone with its adapter (or none)."""
+    import vera_torch as vt
+
+    rows = []
+    for i, name in enumerate(names):
+        if name == "__base__":
+            with vt.disable_adapters(model):
+                rows.append(model(ids[i : i + 1]))
+        else:
+            vt.set_adapter(model, name)
+            rows.append(model(ids[i : i + 1]))
+    return torch.cat(rows)
