@@ -284,9 +284,14 @@ def dvora_forward(
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
 
+def _output_scale(xp: Any, magnitude: Any, norm: Any, dtype: Any) -> Any:
+    """``s = m / n`` (out,), divided in the vectors' dtype and returned in ``dtype``."""
+    return lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), dtype)
+
+
 def _scaled(xp: Any, z: Any, magnitude: Any, norm: Any, bias: Any) -> Any:
     """``(m / n) * z + bias`` in the dtype of ``z``."""
-    scale = lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), z.dtype)
+    scale = _output_scale(xp, magnitude, norm, z.dtype)
     return scale_add(xp, z, scale, None if bias is None else lr.cast(xp, bias, z.dtype))
 
 
@@ -572,7 +577,7 @@ def dvora_backward_dense(
     grad_x = None
     if input_grad:  # (grad_y * s) (W0 + dW) as grad_y (s * (W0 + dW)): the scale goes on the smaller array
         merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, grad_y.dtype)
-        scale = lr.cast(xp, magnitude / lr.cast(xp, saved.norm, magnitude.dtype), grad_y.dtype)
+        scale = _output_scale(xp, magnitude, saved.norm, grad_y.dtype)
         scaled = merged * (scale[None, :] if fan_in_fan_out else scale[:, None])
         grad_x = linear_input_grad(grad_y, scaled, fan_in_fan_out=fan_in_fan_out)
     return grads._replace(x=grad_x)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -12,10 +15,10 @@ import vera_torch as vt  # noqa: E402
 import vera_torch.layers as layers  # noqa: E402
 
 
-def _model(dropout: float = 0.0) -> nn.Module:
+def _model(dropout: float = 0.0, **options: Any) -> nn.Module:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(32, 16))
-    vt.add_vera(model, target_modules="all-linear", r=8, seed=3, dropout=dropout)
+    vt.add_vera(model, target_modules="all-linear", r=8, seed=3, dropout=dropout, **options)
     for name, parameter in model.named_parameters():
         if "lambda" in name:
             nn.init.normal_(parameter)
@@ -43,6 +46,16 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, function_name: str) -> list[in
     return calls
 
 
+def _dense_then_factored(monkeypatch: pytest.MonkeyPatch, calls: list[int], run: Callable[[], Any]) -> tuple[Any, Any]:
+    """``run()`` once on the merged-weight path (checked taken), then with that path turned off."""
+    dense = run()
+    assert calls == [1]
+    monkeypatch.setattr(layers.vc, "dense_is_cheaper", lambda *a, **k: False)
+    factored = run()
+    assert calls == [1]
+    return dense, factored
+
+
 @pytest.fixture
 def dense_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return _count_calls(monkeypatch, "vera_dense")
@@ -52,11 +65,9 @@ def test_many_tokens_take_the_dense_path_with_equal_results(
     dense_calls: list[int], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     x = torch.randn(64, 32, dtype=torch.float32)
-    y_dense, grads_dense = _run(_model(), x)
-    assert dense_calls == [1]
-    monkeypatch.setattr(layers.vc, "dense_is_cheaper", lambda *a, **k: False)
-    y_factored, grads_factored = _run(_model(), x)
-    assert dense_calls == [1]
+    (y_dense, grads_dense), (y_factored, grads_factored) = _dense_then_factored(
+        monkeypatch, dense_calls, lambda: _run(_model(), x)
+    )
     torch.testing.assert_close(y_dense, y_factored, rtol=1e-5, atol=1e-5)
     for got, want in zip(grads_dense, grads_factored, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
@@ -82,11 +93,8 @@ def test_bfloat16_takes_the_dense_path_with_close_results(
                 return _run(model, x)
         return _run(model.to(torch.bfloat16), x.to(torch.bfloat16))
 
-    y_dense, grads_dense = run()
-    assert dense_calls == [1] and y_dense.dtype == torch.bfloat16
-    monkeypatch.setattr(layers.vc, "dense_is_cheaper", lambda *a, **k: False)
-    y_factored, grads_factored = run()
-    assert dense_calls == [1]
+    (y_dense, grads_dense), (y_factored, grads_factored) = _dense_then_factored(monkeypatch, dense_calls, run)
+    assert y_dense.dtype == torch.bfloat16
     y_exact, grads_exact = _run(_model().double(), x.double())  # the same model in float64
     pairs = zip([y_dense, *grads_dense], [y_factored, *grads_factored], [y_exact, *grads_exact], strict=True)
     for dense, factored, exact in pairs:
@@ -98,22 +106,10 @@ def test_bfloat16_takes_the_dense_path_with_close_results(
 @pytest.mark.parametrize("detach_norm", [False, True])
 def test_dvora_takes_the_dense_path_with_equal_results(monkeypatch: pytest.MonkeyPatch, detach_norm: bool) -> None:
     calls = _count_calls(monkeypatch, "dvora_dense")
-
-    def model() -> nn.Module:
-        torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(32, 16))
-        vt.add_vera(net, target_modules="all-linear", r=8, seed=3, dvora=True, bias="all", detach_norm=detach_norm)
-        for name, parameter in net.named_parameters():
-            if "lambda" in name:
-                nn.init.normal_(parameter)
-        return net
-
     x = torch.randn(64, 32)
-    y_dense, grads_dense = _run(model(), x)
-    assert calls == [1]
-    monkeypatch.setattr(layers.vc, "dense_is_cheaper", lambda *a, **k: False)
-    y_factored, grads_factored = _run(model(), x)
-    assert calls == [1]
+    (y_dense, grads_dense), (y_factored, grads_factored) = _dense_then_factored(
+        monkeypatch, calls, lambda: _run(_model(dvora=True, bias="all", detach_norm=detach_norm), x)
+    )
     torch.testing.assert_close(y_dense, y_factored, rtol=1e-5, atol=1e-5)
     assert len(grads_dense) == 5  # x, bias, magnitude, lambda_d, lambda_b
     for got, want in zip(grads_dense, grads_factored, strict=True):

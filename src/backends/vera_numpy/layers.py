@@ -207,13 +207,13 @@ class AdaptedLinear(Layer):
         A: Any,
         B: Any,
         *,
-        bias: Any,
-        rank: int | None,
-        d_initial: float,
-        train_bias: bool,
-        fan_in_fan_out: bool,
-        dropout: float,
-        seed: int,
+        bias: Any = None,
+        rank: int | None = None,
+        d_initial: float = 0.1,
+        train_bias: bool = False,
+        fan_in_fan_out: bool = False,
+        dropout: float = 0.0,
+        seed: int = 0,
     ) -> None:
         super().__init__()
         xp = array_namespace(weight, A, B)
@@ -325,33 +325,7 @@ class VeraLinear(AdaptedLinear):
     (['lambda_b', 'lambda_d'], (2, 8))
     """
 
-    def __init__(
-        self,
-        weight: Any,
-        A: Any,
-        B: Any,
-        *,
-        bias: Any = None,
-        rank: int | None = None,
-        d_initial: float = 0.1,
-        train_bias: bool = False,
-        fan_in_fan_out: bool = False,
-        dropout: float = 0.0,
-        seed: int = 0,
-    ) -> None:
-        super().__init__(
-            weight,
-            A,
-            B,
-            bias=bias,
-            rank=rank,
-            d_initial=d_initial,
-            train_bias=train_bias,
-            fan_in_fan_out=fan_in_fan_out,
-            dropout=dropout,
-            seed=seed,
-        )
-        self._u: Any = None
+    _u: Any = None  # u = x A_s^T from the last forward
 
     def forward(self, x: Any) -> Any:
         self._mask = self._dropout_mask(x)
