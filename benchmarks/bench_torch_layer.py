@@ -17,7 +17,11 @@ alike), the ratios to the bare layer, and the activation memory:
   what a layer in a deep network holds from its forward until its backward;
 * CUDA peak: ``torch.cuda.max_memory_allocated`` during forward+backward minus the
   memory held before (weights, projections and inputs), i.e. output, input gradient,
-  saved tensors and temporaries.
+  saved tensors and temporaries;
+* ops: the ATen operators one step dispatches (``TorchDispatchMode``; views included),
+  the same on every machine. On a GPU each is a launch the host pays for, so where the
+  kernels are short the host, not the GPU, sets the pace: run tiny sizes
+  (``--sizes 64x32x32 --rank 8``) for the host time per step.
 
 On CUDA each timed sample runs ``--inner`` steps back to back between synchronisations
 (as in training, where the host queues work ahead of the GPU) and reports the time per step.
@@ -138,6 +142,22 @@ def saved_mib(model: nn.Module, step: Callable[[], torch.Tensor]) -> float:
     return _saved_bytes(step, exclude) / 2**20
 
 
+def ops_per_step(step: Callable[[], torch.Tensor]) -> int:
+    """ATen operators dispatched by one step (forward, backward, clearing the gradients)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Count(TorchDispatchMode):
+        calls = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            Count.calls += 1
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        step()
+    return Count.calls
+
+
 def peak_mib(step: Callable[[], torch.Tensor]) -> float:
     """CUDA: peak MiB allocated during one step beyond what was held before it."""
     torch.cuda.synchronize()
@@ -216,21 +236,22 @@ def main() -> None:
     inner = args.inner or (10 if args.device == "cuda" else 1)
     cuda = args.device == "cuda"
     print(
-        "| tokens x in x out | variant | median ms | vs bare | best ms | vs bare | saved MiB | extra vs bare |"
+        "| tokens x in x out | variant | median ms | vs bare | best ms | vs bare | ops | saved MiB | extra vs bare |"
         + (" CUDA peak MiB | extra vs bare | GPU kernel ms | vs bare |" if cuda else "")
     )
-    print("|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if cuda else ""))
+    print("|---|---|---|---|---|---|---|---|---|" + ("---|---|---|---|" if cuda else ""))
     for size in args.sizes:
         tokens, n_in, n_out = (int(v) for v in size.split("x"))
-        models, steps, saved, peak, kernels = {}, {}, {}, {}, {}
+        models, steps, saved, peak, kernels, ops = {}, {}, {}, {}, {}, {}
         for variant in args.variants:
             model = build(variant, n_in, n_out, args.rank, args.device, dtype)
             if model is None:
-                print(f"| {size} | {variant} | skipped (peft not installed) | | | | | |")
+                print(f"| {size} | {variant} | skipped (peft not installed) | | | | | | |")
                 continue
             models[variant] = model
             steps[variant], _ = make_step(model, tokens, n_in, n_out, args.device, dtype)
             saved[variant] = saved_mib(model, steps[variant])
+            ops[variant] = ops_per_step(steps[variant])
             if cuda:
                 peak[variant] = peak_mib(steps[variant])
                 kernels[variant] = kernel_ms(steps[variant])
@@ -240,13 +261,13 @@ def main() -> None:
             ratio = f"{median / bare_median:.2f}x" if bare_median else ""
             best_ratio = f"{best / bare_best:.2f}x" if bare_best else ""
             row = f"| {size} | {variant} | {median * 1e3:.3f} | {ratio} | {best * 1e3:.3f} | {best_ratio} "
-            row += f"| {saved[variant]:.1f} | {_extra(saved, variant)} |"
+            row += f"| {ops[variant]} | {saved[variant]:.1f} | {_extra(saved, variant)} |"
             if cuda:
                 row += f" {peak[variant]:.1f} | {_extra(peak, variant)} | {kernels[variant]:.3f} |"
                 row += f" {kernels[variant] / kernels['bare']:.2f}x |" if "bare" in kernels else " |"
             print(row, flush=True)
         tokens_r = tokens * args.rank * torch.finfo(dtype).bits / 8 / 2**20
-        allowance = f"| {size} | (tokens x r allowance) | | | | | | {tokens_r:.1f} |"
+        allowance = f"| {size} | (tokens x r allowance) | | | | | | | {tokens_r:.1f} |"
         print(allowance + (" | | | |" if cuda else ""), flush=True)
         for variant in args.profile:
             if variant in steps:

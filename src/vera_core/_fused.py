@@ -14,21 +14,22 @@ from typing import Any
 from array_api_compat import is_torch_namespace
 
 
-def matmul_add(xp: Any, c: Any, a: Any, b: Any) -> Any:
-    """``c + a @ b`` for 2-D arrays (``torch.addmm``: the sum happens in the product's epilogue)."""
+def matmul_add(xp: Any, c: Any, a: Any, b: Any, *, beta: float = 1.0) -> Any:
+    """``beta * c + a @ b`` for 2-D arrays (``torch.addmm``: the sum happens in the product's epilogue)."""
     if is_torch_namespace(xp):
-        return xp.addmm(c, a, b)
-    return c + a @ b
+        return xp.addmm(c, a, b, beta=beta)
+    return (c if beta == 1.0 else beta * c) + a @ b
 
 
-def linear(xp: Any, x: Any, weight_t: Any, bias: Any) -> Any:
-    """``x @ weight_t + bias`` (``bias`` may be None), ``x`` of shape (..., in), ``weight_t`` (in, out).
+def linear(xp: Any, x: Any, weight: Any, bias: Any) -> Any:
+    """``x @ weight.T + bias`` (``bias`` may be None), ``x`` of shape (..., in), ``weight`` (out, in).
 
-    PyTorch: ``torch.nn.functional.linear``, which adds the bias in the product's epilogue.
+    PyTorch: ``torch.nn.functional.linear``, which takes the transpose as a flag (no view
+    to create) and adds the bias in the product's epilogue.
     """
     if is_torch_namespace(xp):
-        return xp.nn.functional.linear(x, weight_t.T, bias)
-    y = x @ weight_t
+        return xp.nn.functional.linear(x, weight, bias)
+    y = x @ weight.T
     return y if bias is None else y + bias
 
 
@@ -42,3 +43,23 @@ def scale_add(xp: Any, z: Any, scale: Any, bias: Any) -> Any:
     if is_torch_namespace(xp):
         return xp.addcmul(bias, z, scale)
     return z * scale + bias
+
+
+def sub_product(xp: Any, c: Any, a: Any, b: Any) -> Any:
+    """``c - a * b`` (broadcasting); PyTorch: ``torch.addcmul(c, a, b, value=-1)``, one pass."""
+    if is_torch_namespace(xp):
+        return xp.addcmul(c, a, b, value=-1)
+    return c - a * b
+
+
+def clamp_min(xp: Any, a: Any, bound: float) -> Any:
+    """``maximum(a, bound)`` for a Python float ``bound``, without a host-to-device copy.
+
+    PyTorch: ``torch.clamp_min`` takes the bound as a scalar argument. Elsewhere the bound
+    is filled on ``a``'s device (``asarray`` of a Python float would be a synchronising
+    copy), and ``maximum`` rather than array-api-compat's ``clip``, which synchronises
+    CuPy (boolean indexing).
+    """
+    if is_torch_namespace(xp):
+        return xp.clamp_min(a, bound)
+    return xp.maximum(a, xp.full_like(a, bound))

@@ -9,13 +9,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from vera_core._fused import matmul_add
+from vera_core import _fused
 from vera_core._validation import AdapterShape, check_adapter, is_half
 
 
 def layer_slices(A: Any, B: Any, shape: AdapterShape) -> tuple[Any, Any]:
-    """``A[:r, :in]`` and ``B[:out, :r]``: the parts of the shared matrices one layer uses."""
-    return A[: shape.rank, : shape.in_features], B[: shape.out_features, : shape.rank]
+    """``A[:r, :in]`` and ``B[:out, :r]``: the parts of the shared matrices one layer uses.
+
+    A matrix the layer uses whole is returned as it is (no slicing view to create).
+    """
+    rank, n_in, n_out = shape.rank, shape.in_features, shape.out_features
+    A_s = A if tuple(A.shape) == (rank, n_in) else A[:rank, :n_in]
+    B_s = B if tuple(B.shape) == (n_out, rank) else B[:n_out, :rank]
+    return A_s, B_s
 
 
 def cast(xp: Any, array: Any, dtype: Any) -> Any:
@@ -25,19 +31,27 @@ def cast(xp: Any, array: Any, dtype: Any) -> Any:
 
 def fold(xp: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -> Any:
     """``C = diag(lambda_b) B_s diag(lambda_d)`` (out x r), in the vectors' dtype."""
-    return lambda_b[:, None] * cast(xp, B_s, lambda_d.dtype) * lambda_d[None, :]
+    return lambda_b[:, None] * cast(xp, B_s, lambda_d.dtype) * lambda_d
 
 
 def project(xp: Any, x: Any, A_s: Any, dropout_mask: Any) -> Any:
     """``u = (x * mask) A_s^T`` (..., r) in the dtype of ``x``."""
     if dropout_mask is not None:
         x = x * dropout_mask
-    return x @ cast(xp, A_s, x.dtype).T
+    return _fused.linear(xp, x, cast(xp, A_s, x.dtype), None)
+
+
+def add_product(xp: Any, base: Any, u: Any, C: Any) -> Any:
+    """``base + u C^T`` over the leading dimensions, ``C`` cast to the dtype of ``u`` (one fused product)."""
+    C_t = cast(xp, C, u.dtype).T
+    if base.ndim == 2:
+        return _fused.matmul_add(xp, base, u, C_t)
+    return xp.reshape(_fused.matmul_add(xp, flatten_tokens(xp, base), flatten_tokens(xp, u), C_t), base.shape)
 
 
 def flatten_tokens(xp: Any, array: Any) -> Any:
     """Collapse the leading dimensions: (..., f) -> (tokens, f)."""
-    return xp.reshape(array, (-1, array.shape[-1]))
+    return array if array.ndim == 2 else xp.reshape(array, (-1, array.shape[-1]))
 
 
 def token_gram(xp: Any, grad: Any, u: Any, dtype: Any) -> Any:
@@ -49,9 +63,7 @@ def token_gram(xp: Any, grad: Any, u: Any, dtype: Any) -> Any:
 def vector_grads(xp: Any, grad_C: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -> tuple[Any, Any]:
     """Chain ``dL/dC`` to ``(dL/dlambda_d, dL/dlambda_b)`` through ``C = diag(b) B diag(d)``."""
     weighted = grad_C * cast(xp, B_s, grad_C.dtype)
-    grad_d = xp.sum(weighted * lambda_b[:, None], axis=0)
-    grad_b = xp.sum(weighted * lambda_d[None, :], axis=1)
-    return grad_d, grad_b
+    return weighted.T @ lambda_b, weighted @ lambda_d
 
 
 def input_grad(xp: Any, grad: Any, C: Any, A_s: Any, dropout_mask: Any) -> Any:
@@ -59,6 +71,17 @@ def input_grad(xp: Any, grad: Any, C: Any, A_s: Any, dropout_mask: Any) -> Any:
     grad_u = grad @ cast(xp, C, grad.dtype)
     grad_x = grad_u @ cast(xp, A_s, grad.dtype)
     return grad_x if dropout_mask is None else grad_x * dropout_mask
+
+
+def apply_weight(xp: Any, x: Any, weight: Any, bias: Any, fan_in_fan_out: bool) -> Any:
+    """``x W^T + bias`` for a weight stored (out, in), or (in, out) with ``fan_in_fan_out``, in the dtype of ``x``."""
+    W = cast(xp, weight.T if fan_in_fan_out else weight, x.dtype)
+    return _fused.linear(xp, x, W, None if bias is None else cast(xp, bias, x.dtype))
+
+
+def weight_input_grad(xp: Any, grad_y: Any, weight: Any, fan_in_fan_out: bool) -> Any:
+    """``dL/dx = grad_y W`` of :func:`apply_weight`, in the dtype of ``grad_y``."""
+    return grad_y @ cast(xp, weight.T if fan_in_fan_out else weight, grad_y.dtype)
 
 
 def delta_weight_matrix(xp: Any, C: Any, A_s: Any, fan_in_fan_out: bool) -> Any:
@@ -79,7 +102,7 @@ def wider(xp: Any, *dtypes: Any) -> Any:
     """The widest of the given floating dtypes, at least float32 (for accumulation)."""
     widest = xp.float32
     for dtype in dtypes:
-        if int(xp.finfo(dtype).bits) > int(xp.finfo(widest).bits):
+        if dtype != widest and int(xp.finfo(dtype).bits) > int(xp.finfo(widest).bits):
             widest = dtype
     return widest
 
@@ -112,45 +135,19 @@ def check_on_weight(
 
 
 def shifted_weight(
-    xp: Any,
-    shape: AdapterShape,
-    weight: Any,
-    A: Any,
-    B: Any,
-    lambda_d: Any,
-    lambda_b: Any,
-    fan_in_fan_out: bool,
-    *,
-    subtract: bool = False,
+    xp: Any, weight: Any, C: Any, A_s: Any, fan_in_fan_out: bool, *, subtract: bool = False, dtype: Any = None
 ) -> Any:
-    """``W0 + dW`` (or ``W0 - dW``) in float32 or wider, from checked arguments (no checks)."""
-    A_s, B_s = layer_slices(A, B, shape)
-    work = wider(xp, weight.dtype, lambda_d.dtype)
-    C = cast(xp, fold(xp, B_s, lambda_d, lambda_b), work)
-    # the sign goes on the small C (exact negation), not on an extra (out x in) array
-    return cast(xp, weight, work) + delta_weight_matrix(xp, -C if subtract else C, A_s, fan_in_fan_out)
+    """``W0 + C A_s`` (or ``W0 - C A_s``) from checked arguments (no checks), as ``dtype``.
 
-
-def merged_weight(
-    xp: Any,
-    shape: AdapterShape,
-    weight: Any,
-    A: Any,
-    B: Any,
-    lambda_d: Any,
-    lambda_b: Any,
-    fan_in_fan_out: bool,
-    dtype: Any,
-) -> Any:
-    """``W0 + dW`` in the activations' ``dtype``, for the merged-weight (dense) products.
-
-    float32 or wider: :func:`shifted_weight`, cast. 16-bit: ``C A_s`` as a 16-bit product
-    (float32 accumulation) added to ``W0`` in the product's epilogue where the library fuses
-    it, so the sum is rounded to 16 bits once, like the output of the factored form.
+    ``C A_s`` is added to ``W0`` in the product's epilogue where the library fuses it, so
+    the sum is rounded once. It is formed in float32 or wider (``dtype`` None: that dtype
+    is returned), except for a 16-bit ``dtype``, where the product is 16-bit (float32
+    accumulation) and rounded to 16 bits once, like the output of the factored form.
     """
-    if not is_half(xp, dtype):
-        return cast(xp, shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out), dtype)
-    A_s, B_s = layer_slices(A, B, shape)
-    C = cast(xp, fold(xp, B_s, lambda_d, lambda_b), dtype)
-    A_h, W = cast(xp, A_s, dtype), cast(xp, weight, dtype)
-    return matmul_add(xp, W, A_h.T, C.T) if fan_in_fan_out else matmul_add(xp, W, C, A_h)
+    work = dtype if dtype is not None and is_half(xp, dtype) else wider(xp, weight.dtype, C.dtype)
+    C = cast(xp, C, work)
+    if subtract:  # the sign goes on the small C (exact negation), not on an (out x in) array
+        C = -C
+    W, A_w = cast(xp, weight, work), cast(xp, A_s, work)
+    shifted = _fused.matmul_add(xp, W, A_w.T, C.T) if fan_in_fan_out else _fused.matmul_add(xp, W, C, A_w)
+    return shifted if dtype is None else cast(xp, shifted, dtype)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import Any, NamedTuple
 
 from array_api_compat import array_namespace, is_torch_array
@@ -12,6 +13,32 @@ def check_positive_int(name: str, value: Any) -> None:
     """Raise unless ``value`` is a positive int (bool excluded)."""
     if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+# per-step host time matters (a GPU waits on it): the namespace array-api-compat picks depends
+# only on the arrays' types, so it is looked up once per combination of types
+_NAMESPACES: dict[frozenset[type], Any] = {}
+
+
+def _torch_compiling(array: Any) -> bool:
+    # torch.compile refuses Python-side caches inside an autograd.Function; a torch array means
+    # torch is imported already (nothing is imported here)
+    return is_torch_array(array) and sys.modules["torch"].compiler.is_compiling()
+
+
+def namespace(*arrays: Any) -> Any:
+    """``array_namespace(*arrays)``, remembered per combination of array types.
+
+    A mix of libraries raises array-api-compat's TypeError every time (nothing is
+    remembered for it); under ``torch.compile`` nothing is remembered either.
+    """
+    if _torch_compiling(arrays[0]):
+        return array_namespace(*arrays)
+    types = frozenset(map(type, arrays))
+    xp = _NAMESPACES.get(types)
+    if xp is None:
+        xp = _NAMESPACES[types] = array_namespace(*arrays)
+    return xp
 
 
 def is_real_float(xp: Any, dtype: Any) -> bool:
@@ -39,15 +66,16 @@ def _device(array: Any) -> Any:
 
 
 def check_same_device(named_arrays: dict[str, Any]) -> None:
-    """Raise ValueError when the arrays live on different devices."""
-    devices = {name: _device(a) for name, a in named_arrays.items() if a is not None}
-    # tracers (JAX transformations) report no device: they cannot disagree with one
-    devices = {name: dev for name, dev in devices.items() if dev is not None}
-    if not devices:
-        return
-    first_name, first = next(iter(devices.items()))
-    for name, dev in devices.items():
-        if dev != first:
+    """Raise ValueError when the arrays (None entries skipped) live on different devices."""
+    first_name, first = None, None
+    for name, array in named_arrays.items():
+        # tracers (JAX transformations) report no device: they cannot disagree with one
+        dev = None if array is None else _device(array)
+        if dev is None:
+            continue
+        if first is None:
+            first_name, first = name, dev
+        elif dev != first:
             raise ValueError(f"{name} is on device {dev} but {first_name} is on {first}; move them to one device")
 
 
@@ -94,9 +122,12 @@ def check_adapter(
     """
     named = {"A": A, "B": B, "lambda_d": lambda_d, "lambda_b": lambda_b, **(extra or {})}
     present = {k: v for k, v in named.items() if v is not None}
-    xp = array_namespace(*present.values())
+    xp = namespace(*present.values())
+    checked: list[Any] = []  # each distinct dtype once
     for name, array in present.items():
-        check_real_float_dtype(xp, array.dtype, name)
+        if array.dtype not in checked:
+            check_real_float_dtype(xp, array.dtype, name)
+            checked.append(array.dtype)
     check_ndim("A", A, 2, "the shared matrix A (rank x max_in)")
     check_ndim("B", B, 2, "the shared matrix B (max_out x rank)")
     check_ndim("lambda_d", lambda_d, 1, "a vector of length rank")
@@ -105,8 +136,12 @@ def check_adapter(
     max_out = B.shape[0]
     if B.shape[1] != shared_rank:
         raise ValueError(f"A has {shared_rank} rows but B has {B.shape[1]} columns; both are the shared rank")
-    if A.dtype != B.dtype:
-        raise TypeError(f"A has dtype {A.dtype} but B has {B.dtype}; the shared matrices must share a dtype")
+    if B.dtype != A.dtype and B.dtype != lambda_d.dtype:
+        # B is only folded with the vectors: it may be kept in their dtype beside a 16-bit A
+        raise TypeError(
+            f"B has dtype {B.dtype} but A has {A.dtype} and the vectors {lambda_d.dtype}; "
+            "B must share a dtype with A or with the vectors"
+        )
     rank, out_features = lambda_d.shape[0], lambda_b.shape[0]
     if rank <= 0:
         raise ValueError("rank must be positive: lambda_d is empty")
@@ -150,3 +185,8 @@ def check_finite(xp: Any, name: str, array: Any) -> None:
     """Raise ValueError when ``array`` holds NaN or infinity."""
     if not bool(xp.all(xp.isfinite(array))):
         raise ValueError(f"{name} contains NaN or infinity; refusing to merge (merge with safe=False to force)")
+
+
+def checked_earlier(array: Any, lambda_d: Any, lambda_b: Any, in_features: int) -> tuple[Any, AdapterShape]:
+    """Namespace and sizes of arguments a forward pass already checked (``check=False``)."""
+    return namespace(array), AdapterShape(lambda_d.shape[0], lambda_b.shape[0], in_features)

@@ -14,10 +14,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace
-
 from vera_core import _lowrank as lr
-from vera_core._fused import scale_add
+from vera_core._fused import clamp_min, matmul_add, scale_add, sub_product
 from vera_core._validation import (
     AdapterShape,
     check_activations,
@@ -27,8 +25,9 @@ from vera_core._validation import (
     check_positive_int,
     check_real_float_dtype,
     check_same_shape,
+    checked_earlier,
+    namespace,
 )
-from vera_core.linear import linear, linear_input_grad
 
 
 class DvoraFrozen(NamedTuple):
@@ -89,7 +88,7 @@ def initial_magnitude(weight: Any, *, fan_in_fan_out: bool = False, dtype: Any =
     >>> initial_magnitude(xp.asarray([[3.0, 4.0], [0.0, 1.0]], dtype=xp.float32))
     array([5., 1.], dtype=float32)
     """
-    xp = array_namespace(weight)
+    xp = namespace(weight)
     lr.weight_shape(weight, fan_in_fan_out)
     check_real_float_dtype(xp, weight.dtype, "weight")
     work = lr.wider(xp, weight.dtype) if dtype is None else dtype
@@ -120,7 +119,7 @@ def dvora_precompute(weight: Any, A: Any, rank: int, *, fan_in_fan_out: bool = F
     ((6, 4), (4, 4))
     """
     check_positive_int("rank", rank)
-    xp = array_namespace(weight, A)
+    xp = namespace(weight, A)
     check_real_float_dtype(xp, weight.dtype, "weight")
     check_real_float_dtype(xp, A.dtype, "A")
     check_ndim("A", A, 2, "the shared matrix A (rank x max_in)")
@@ -141,14 +140,11 @@ def _check_frozen(frozen: DvoraFrozen, out_features: int, rank: int) -> None:
 
 
 def _gram_norm(xp: Any, frozen: DvoraFrozen, C: Any) -> Any:
-    proj = frozen.weight_proj
-    work = proj.dtype
+    work = frozen.weight_proj.dtype
     Cw = lr.cast(xp, C, work)
-    sq = frozen.weight_sq_norm + 2.0 * xp.sum(proj * Cw, axis=1) + xp.sum((Cw @ frozen.gram) * Cw, axis=1)
-    # maximum, not clip: array-api-compat's clip synchronises CuPy (boolean indexing); the bound is
-    # filled on the device (asarray of a Python float would be a synchronising host-to-device copy)
-    tiny = xp.full_like(sq, float(xp.finfo(work).smallest_normal))
-    return xp.sqrt(xp.maximum(sq, tiny))
+    # n^2 = ||W0_i||^2 + C_i . (2 W0 A_s^T + C A_s A_s^T)_i
+    sq = frozen.weight_sq_norm + xp.sum(Cw * matmul_add(xp, frozen.weight_proj, Cw, frozen.gram, beta=2.0), axis=1)
+    return xp.sqrt(clamp_min(xp, sq, float(xp.finfo(work).smallest_normal)))
 
 
 def dvora_norm(frozen: DvoraFrozen, B: Any, lambda_d: Any, lambda_b: Any) -> Any:
@@ -167,7 +163,7 @@ def dvora_norm(frozen: DvoraFrozen, B: Any, lambda_d: Any, lambda_b: Any) -> Any
     >>> bool(xp.all(xp.abs(n - initial_magnitude(W)) < 1e-6))
     True
     """
-    xp = array_namespace(frozen.gram, B, lambda_d, lambda_b)
+    xp = namespace(frozen.gram, B, lambda_d, lambda_b)
     rank, out_features = lambda_d.shape[0], lambda_b.shape[0]
     _check_frozen(frozen, out_features, rank)
     C = lr.fold(xp, B[:out_features, :rank], lambda_d, lambda_b)
@@ -191,7 +187,8 @@ def dense_norm(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan
 def _direction(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, fan_in_fan_out: bool) -> tuple[Any, Any, Any]:
     """``(V, n, xp)``: ``V = W0 + dW`` in the working dtype, its row norms."""
     xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out)
-    V = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    V = lr.shifted_weight(xp, weight, lr.fold(xp, B_s, lambda_d, lambda_b), A_s, fan_in_fan_out)
     return V, xp.sqrt(_row_sq_norms(xp, V, fan_in_fan_out)), xp
 
 
@@ -280,18 +277,13 @@ def dvora_forward(
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
     norm = _gram_norm(xp, frozen, C)
     u = lr.project(xp, x, A_s, dropout_mask)
-    z = base + u @ lr.cast(xp, C, x.dtype).T
+    z = lr.add_product(xp, base, u, C)
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
 
-def _output_scale(xp: Any, magnitude: Any, norm: Any, dtype: Any) -> Any:
-    """``s = m / n`` (out,), divided in the vectors' dtype and returned in ``dtype``."""
-    return lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), dtype)
-
-
 def _scaled(xp: Any, z: Any, magnitude: Any, norm: Any, bias: Any) -> Any:
-    """``(m / n) * z + bias`` in the dtype of ``z``."""
-    scale = _output_scale(xp, magnitude, norm, z.dtype)
+    """``(m / n) * z + bias`` in the dtype of ``z`` (``m / n`` divided in the vectors' dtype)."""
+    scale = lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), z.dtype)
     return scale_add(xp, z, scale, None if bias is None else lr.cast(xp, bias, z.dtype))
 
 
@@ -311,6 +303,7 @@ def dvora_backward(
     dropout_mask: Any = None,
     input_grad: bool = True,
     base_grad: bool = True,
+    check: bool = True,
 ) -> DvoraGrads:
     """Analytic DVoRA gradients, exact or with the norm treated as a constant.
 
@@ -339,6 +332,10 @@ def dvora_backward(
         Compute the adapter path's ``dL/dx``.
     base_grad : bool
         Compute ``dL/dbase`` (tokens x out); False returns ``base=None``.
+    check : bool
+        Validate the arguments (default). An autograd Function that passes back exactly
+        what its checked forward returned, and a gradient the framework has matched to
+        the output, may skip it (per-step host time).
 
     Returns
     -------
@@ -357,8 +354,37 @@ def dvora_backward(
     >>> g.magnitude.shape, g.lambda_b.shape, g.base.shape
     ((6,), (6,), (3, 6))
     """
-    check_positive_int("in_features", in_features)
+    xp, shape = _checked_backward(
+        grad_y, saved, frozen, A, B, magnitude, lambda_d, lambda_b, in_features, dropout_mask, check
+    )
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    grads, scale = _vector_grads(
+        xp, grad_y, saved, frozen, B_s, C, magnitude, lambda_d, lambda_b, detach_norm=detach_norm, has_bias=has_bias
+    )
+    grad_z = grad_y * lr.cast(xp, scale, grad_y.dtype) if input_grad or base_grad else None
+    grad_x = lr.input_grad(xp, grad_z, C, A_s, dropout_mask) if input_grad else None
+    return grads._replace(x=grad_x, base=grad_z if base_grad else None)
+
+
+def _checked_backward(
+    grad_y: Any,
+    saved: DvoraSaved,
+    frozen: DvoraFrozen,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    in_features: int,
+    dropout_mask: Any,
+    check: bool,
+) -> tuple[Any, AdapterShape]:
+    """Namespace and sizes of a backward pass's arguments, checked unless ``check`` is False."""
+    if not check:
+        return checked_earlier(grad_y, lambda_d, lambda_b, in_features)
     u, z, norm = saved
+    check_positive_int("in_features", in_features)
     xp, shape = check_adapter(
         A,
         B,
@@ -374,25 +400,39 @@ def dvora_backward(
     check_same_shape("saved.norm", norm, (shape.out_features,), "lambda_b")
     _check_magnitude(magnitude, lambda_d, shape.out_features)
     _check_frozen(frozen, shape.out_features, shape.rank)
-    A_s, B_s = lr.layer_slices(A, B, shape)
+    return xp, shape
+
+
+def _vector_grads(
+    xp: Any,
+    grad_y: Any,
+    saved: DvoraSaved,
+    frozen: DvoraFrozen,
+    B_s: Any,
+    C: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    detach_norm: bool,
+    has_bias: bool,
+) -> tuple[DvoraGrads, Any]:
+    """The gradients of ``m``, the vectors and the bias (``x`` and ``base`` None), and ``s = m / n``."""
+    u, z, norm = saved
     vec = lambda_d.dtype
-    C = lr.fold(xp, B_s, lambda_d, lambda_b)
     n = lr.cast(xp, norm, vec)
     scale = magnitude / n
-    flat_g, flat_z = lr.flatten_tokens(xp, grad_y), lr.flatten_tokens(xp, z)
-    q = xp.sum(flat_g * flat_z, axis=0, dtype=vec)
+    flat_g = lr.flatten_tokens(xp, grad_y)
+    q = xp.sum(flat_g * lr.flatten_tokens(xp, z), axis=0, dtype=vec)
     grad_m = q / n
     grad_C = scale[:, None] * lr.token_gram(xp, grad_y, u, vec)
     if not detach_norm:
-        grad_sq = -(q * magnitude) / (n * n * n)  # dL/dn / n
-        Cw = lr.cast(xp, C, frozen.gram.dtype)
-        direction = frozen.weight_proj + Cw @ frozen.gram
-        grad_C = grad_C + lr.cast(xp, grad_sq[:, None] * lr.cast(xp, direction, vec), vec)
+        # dL/dn_i / n_i = -q_i m_i / n_i^3 = -(grad_m * scale / n)_i, times dn^2/dC / 2
+        direction = matmul_add(xp, frozen.weight_proj, lr.cast(xp, C, frozen.gram.dtype), frozen.gram)
+        grad_C = sub_product(xp, grad_C, (grad_m * scale / n)[:, None], lr.cast(xp, direction, vec))
     grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
-    grad_z = grad_y * lr.cast(xp, scale, grad_y.dtype) if input_grad or base_grad else None
-    grad_x = lr.input_grad(xp, grad_z, C, A_s, dropout_mask) if input_grad else None
     grad_bias = xp.sum(flat_g, axis=0, dtype=vec) if has_bias else None
-    return DvoraGrads(grad_x, grad_z if base_grad else None, grad_m, grad_d, grad_b, grad_bias)
+    return DvoraGrads(None, None, grad_m, grad_d, grad_b, grad_bias), scale
 
 
 def dvora_merge(
@@ -513,9 +553,10 @@ def dvora_forward_dense(
     check_activations("x", x, shape.in_features, "in_features on the last axis")
     _check_dvora_layer(magnitude, lambda_d, frozen, bias, shape)
     A_s, B_s = lr.layer_slices(A, B, shape)
-    norm = _gram_norm(xp, frozen, lr.fold(xp, B_s, lambda_d, lambda_b))
-    merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, x.dtype)
-    z = linear(x, merged, fan_in_fan_out=fan_in_fan_out)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    norm = _gram_norm(xp, frozen, C)
+    merged = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=x.dtype)
+    z = lr.apply_weight(xp, x, merged, None, fan_in_fan_out)
     u = lr.project(xp, x, A_s, None)
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
@@ -535,11 +576,13 @@ def dvora_backward_dense(
     detach_norm: bool = False,
     has_bias: bool = False,
     input_grad: bool = True,
+    check: bool = True,
 ) -> DvoraGrads:
     """Gradients of :func:`dvora_forward_dense`; ``x`` is the whole ``dL/dx`` and ``base`` is None.
 
     The vector gradients are :func:`dvora_backward`'s (they never need the weight);
-    ``dL/dx = (grad_y * m / n) (W0 + dW)``.
+    ``dL/dx = (grad_y * m / n) (W0 + dW)``. ``check=False`` skips validation, as in
+    :func:`dvora_backward`.
 
     Examples
     --------
@@ -556,28 +599,21 @@ def dvora_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - whole)) < 1e-12), dense.base is None
     (True, True)
     """
-    xp, shape = lr.check_on_weight(
-        A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=grad_y.dtype, extra={"grad_y": grad_y}
+    in_features = lr.weight_shape(weight, fan_in_fan_out)[1]
+    if check:
+        lr.check_on_weight(
+            A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=grad_y.dtype, extra={"grad_y": grad_y}
+        )
+    xp, shape = _checked_backward(grad_y, saved, frozen, A, B, magnitude, lambda_d, lambda_b, in_features, None, check)
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    grads, scale = _vector_grads(
+        xp, grad_y, saved, frozen, B_s, C, magnitude, lambda_d, lambda_b, detach_norm=detach_norm, has_bias=has_bias
     )
-    grads = dvora_backward(
-        grad_y,
-        saved,
-        frozen,
-        A,
-        B,
-        magnitude,
-        lambda_d,
-        lambda_b,
-        in_features=shape.in_features,
-        detach_norm=detach_norm,
-        has_bias=has_bias,
-        input_grad=False,
-        base_grad=False,
-    )
-    grad_x = None
-    if input_grad:  # (grad_y * s) (W0 + dW) as grad_y (s * (W0 + dW)): the scale goes on the smaller array
-        merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, grad_y.dtype)
-        scale = _output_scale(xp, magnitude, saved.norm, grad_y.dtype)
-        scaled = merged * (scale[None, :] if fan_in_fan_out else scale[:, None])
-        grad_x = linear_input_grad(grad_y, scaled, fan_in_fan_out=fan_in_fan_out)
-    return grads._replace(x=grad_x)
+    if not input_grad:
+        return grads
+    # (grad_y * s) (W0 + dW) as grad_y (s * (W0 + dW)): the scale goes on the smaller array
+    merged = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
+    scale = lr.cast(xp, scale, grad_y.dtype)
+    scaled = merged * (scale[None, :] if fan_in_fan_out else scale[:, None])
+    return grads._replace(x=lr.weight_input_grad(xp, grad_y, scaled, fan_in_fan_out))

@@ -4,11 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace
-
-from vera_core import _fused
 from vera_core import _lowrank as lr
-from vera_core._validation import check_activations, check_same_device, check_same_shape
+from vera_core._validation import check_activations, check_same_device, check_same_shape, namespace
 
 
 def linear(x: Any, weight: Any, bias: Any = None, *, fan_in_fan_out: bool = False) -> Any:
@@ -20,14 +17,13 @@ def linear(x: Any, weight: Any, bias: Any = None, *, fan_in_fan_out: bool = Fals
     >>> linear(xp.ones((2, 3)), xp.ones((4, 3)), xp.ones(4)).shape
     (2, 4)
     """
-    xp = array_namespace(x, weight, *(() if bias is None else (bias,)))
+    xp = namespace(x, weight, *(() if bias is None else (bias,)))
     out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
     check_activations("x", x, in_features, "in_features on the last axis")
     check_same_device({"x": x, "weight": weight, "bias": bias})
     if bias is not None:
         check_same_shape("bias", bias, (out_features,), "(out_features,)")
-        bias = lr.cast(xp, bias, x.dtype)
-    return _fused.linear(xp, x, lr.cast(xp, weight if fan_in_fan_out else weight.T, x.dtype), bias)
+    return lr.apply_weight(xp, x, weight, bias, fan_in_fan_out)
 
 
 def linear_input_grad(grad_y: Any, weight: Any, *, fan_in_fan_out: bool = False) -> Any:
@@ -39,7 +35,7 @@ def linear_input_grad(grad_y: Any, weight: Any, *, fan_in_fan_out: bool = False)
     >>> linear_input_grad(xp.ones((2, 4)), xp.ones((4, 3))).shape
     (2, 3)
     """
-    xp = array_namespace(grad_y, weight)
+    xp = namespace(grad_y, weight)
     out_features, _ = lr.weight_shape(weight, fan_in_fan_out)
     check_activations("grad_y", grad_y, out_features, "out_features on the last axis")
-    return grad_y @ lr.cast(xp, weight.T if fan_in_fan_out else weight, grad_y.dtype)
+    return lr.weight_input_grad(xp, grad_y, weight, fan_in_fan_out)

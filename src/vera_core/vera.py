@@ -8,7 +8,9 @@ features ``out = len(lambda_b) <= max_out`` and its input features ``in <= max_i
 dtype policy: activations (``x``, ``base``, gradients) are any real floating dtype;
 the vectors have the activations' dtype, or float32 beside float16/bfloat16
 activations. Matrix products run in the activations' dtype; the vector gradients are
-reduced in the vectors' dtype (float32 or wider).
+reduced in the vectors' dtype (float32 or wider). ``A`` is used in the activations'
+dtype, ``B`` (only folded with the vectors) in the vectors'; ``B`` has ``A``'s dtype or
+the vectors'.
 """
 
 from __future__ import annotations
@@ -23,8 +25,8 @@ from vera_core._validation import (
     check_ndim,
     check_positive_int,
     check_same_shape,
+    checked_earlier,
 )
-from vera_core.linear import linear, linear_input_grad
 
 
 class VeraGrads(NamedTuple):
@@ -106,8 +108,7 @@ def vera_forward(
     A_s, B_s = lr.layer_slices(A, B, shape)
     u = lr.project(xp, x, A_s, dropout_mask)
     C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), x.dtype)
-    delta = u @ C.T
-    return (delta if base is None else base + delta), u
+    return (u @ C.T if base is None else lr.add_product(xp, base, u, C)), u
 
 
 def vera_backward(
@@ -121,6 +122,7 @@ def vera_backward(
     in_features: int,
     dropout_mask: Any = None,
     input_grad: bool = True,
+    check: bool = True,
 ) -> VeraGrads:
     """Analytic gradients of the VeRA adapter term, from ``u`` alone (no autograd).
 
@@ -142,6 +144,10 @@ def vera_backward(
         The mask used in the forward pass.
     input_grad : bool
         Compute ``dL/dx`` (two extra matrix products); False returns ``x=None``.
+    check : bool
+        Validate the arguments (default). An autograd Function that passes back exactly
+        what its checked forward returned, and a gradient the framework has matched to
+        the output, may skip it (per-step host time).
 
     Returns
     -------
@@ -158,19 +164,22 @@ def vera_backward(
     >>> g.x.shape, g.lambda_d.shape, g.lambda_b.shape
     ((2, 8), (4,), (6,))
     """
-    check_positive_int("in_features", in_features)
-    xp, shape = check_adapter(
-        A,
-        B,
-        lambda_d,
-        lambda_b,
-        in_features,
-        activation_dtype=grad_y.dtype,
-        extra={"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask},
-    )
-    check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
-    check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
-    _check_mask(dropout_mask, (*grad_y.shape[:-1], in_features))
+    if check:
+        check_positive_int("in_features", in_features)
+        xp, shape = check_adapter(
+            A,
+            B,
+            lambda_d,
+            lambda_b,
+            in_features,
+            activation_dtype=grad_y.dtype,
+            extra={"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask},
+        )
+        check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+        check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
+        _check_mask(dropout_mask, (*grad_y.shape[:-1], in_features))
+    else:
+        xp, shape = checked_earlier(grad_y, lambda_d, lambda_b, in_features)
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
     grad_C = lr.token_gram(xp, grad_y, u, lambda_d.dtype)
@@ -210,7 +219,9 @@ def _shift_weight(
     weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, subtract: bool, fan_in_fan_out: bool, safe: bool
 ) -> Any:
     xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out)
-    shifted = lr.shifted_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, subtract=subtract)
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    shifted = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, subtract=subtract)
     result = lr.cast(xp, shifted, weight.dtype)
     if safe:
         check_finite(xp, "the merged weight", result)
@@ -342,9 +353,11 @@ def vera_forward_dense(
         A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=x.dtype, extra={"x": x, "bias": bias}
     )
     check_activations("x", x, shape.in_features, "in_features on the last axis")
-    merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, x.dtype)
-    y = linear(x, merged, bias, fan_in_fan_out=fan_in_fan_out)
-    A_s, _ = lr.layer_slices(A, B, shape)
+    if bias is not None:
+        check_same_shape("bias", bias, (shape.out_features,), "(out_features,)")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    merged = lr.shifted_weight(xp, weight, lr.fold(xp, B_s, lambda_d, lambda_b), A_s, fan_in_fan_out, dtype=x.dtype)
+    y = lr.apply_weight(xp, x, merged, bias, fan_in_fan_out)
     return y, lr.project(xp, x, A_s, None)
 
 
@@ -359,8 +372,11 @@ def vera_backward_dense(
     *,
     fan_in_fan_out: bool = False,
     input_grad: bool = True,
+    check: bool = True,
 ) -> VeraGrads:
     """Gradients of :func:`vera_forward_dense`; ``x`` is the *whole* ``dL/dx`` (base included).
+
+    ``check=False`` skips validation, as in :func:`vera_backward`.
 
     Examples
     --------
@@ -375,25 +391,29 @@ def vera_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - (factored.x + linear_input_grad(g, W)))) < 1e-12)
     True
     """
-    xp, shape = lr.check_on_weight(
-        A,
-        B,
-        lambda_d,
-        lambda_b,
-        weight,
-        fan_in_fan_out,
-        activation_dtype=grad_y.dtype,
-        extra={"grad_y": grad_y, "u": u},
-    )
-    check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
-    check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
-    _, B_s = lr.layer_slices(A, B, shape)
+    if check:
+        xp, shape = lr.check_on_weight(
+            A,
+            B,
+            lambda_d,
+            lambda_b,
+            weight,
+            fan_in_fan_out,
+            activation_dtype=grad_y.dtype,
+            extra={"grad_y": grad_y, "u": u},
+        )
+        check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+        check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
+    else:
+        xp, shape = checked_earlier(grad_y, lambda_d, lambda_b, lr.weight_shape(weight, fan_in_fan_out)[1])
+    A_s, B_s = lr.layer_slices(A, B, shape)
     grad_C = lr.token_gram(xp, grad_y, u, lambda_d.dtype)
     grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
     grad_x = None
     if input_grad:
-        merged = lr.merged_weight(xp, shape, weight, A, B, lambda_d, lambda_b, fan_in_fan_out, grad_y.dtype)
-        grad_x = linear_input_grad(grad_y, merged, fan_in_fan_out=fan_in_fan_out)
+        C = lr.fold(xp, B_s, lambda_d, lambda_b)
+        merged = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
+        grad_x = lr.weight_input_grad(xp, grad_y, merged, fan_in_fan_out)
     return VeraGrads(grad_x, grad_d, grad_b)
 
 

@@ -162,3 +162,53 @@ def test_dvora_dense_equals_factored(
     ]
     for got, want in pairs:
         np.testing.assert_allclose(got, want, rtol=0, atol=500 * eps * max(1.0, float(np.max(np.abs(want)))))
+
+
+def _same(got: Any, want: Any) -> None:
+    if want is None:
+        assert got is None
+    else:
+        np.testing.assert_array_equal(to_numpy(got), to_numpy(want))
+
+
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_backward_without_checks_gives_the_same_gradients(xp: Any, device: Any, fan_in_fan_out: bool) -> None:
+    """``check=False`` (what the torch Functions pass) skips validation only: every gradient is identical."""
+    p = _problem(xp, device, xp.float32, fan_in_fan_out)
+    vectors = (p["A"], p["B"], p["lambda_d"], p["lambda_b"])
+    flip = {"fan_in_fan_out": fan_in_fan_out}
+    _, u = vc.vera_forward_dense(p["x"], p["weight"], *vectors, bias=p["bias"], **flip)
+    frozen = vc.dvora_precompute(p["weight"], p["A"], SHAPE["rank"], **flip)
+    magnitude = vc.initial_magnitude(p["weight"], dtype=xp.float32, **flip) * 1.5
+    dvora_args = (p["A"], p["B"], magnitude, p["lambda_d"], p["lambda_b"])
+    _, saved = vc.dvora_forward_dense(p["x"], p["weight"], frozen, *dvora_args, **flip)
+    runs = [
+        lambda check: vc.vera_backward(p["grad_y"], u, *vectors, in_features=SHAPE["in"], check=check),
+        lambda check: vc.vera_backward_dense(p["grad_y"], u, p["weight"], *vectors, check=check, **flip),
+        lambda check: vc.dvora_backward(
+            p["grad_y"], saved, frozen, *dvora_args, in_features=SHAPE["in"], has_bias=True, check=check
+        ),
+        lambda check: vc.dvora_backward_dense(
+            p["grad_y"], saved, frozen, p["weight"], *dvora_args, has_bias=True, check=check, **flip
+        ),
+    ]
+    for run in runs:
+        for got, want in zip(run(False), run(True), strict=True):
+            _same(got, want)
+
+
+def test_b_may_be_kept_in_the_vectors_dtype(xp: Any, device: Any) -> None:
+    """B beside 16-bit activations and A: in the vectors' float32, exactly as the same values in 16 bits."""
+    half = require_dtype(xp, device, "float16")
+    low, _ = _half_problem(xp, device, half, False)
+    A, B = xp.astype(low["A"], half), xp.astype(low["B"], half)
+    B_wide = xp.astype(B, xp.float32)  # exact: every float16 is a float32
+    vectors = (low["lambda_d"], low["lambda_b"])
+    base = vc.linear(low["x"], low["weight"])
+    y, u = vc.vera_forward(low["x"], A, B, *vectors, base=base)
+    y_wide, u_wide = vc.vera_forward(low["x"], A, B_wide, *vectors, base=base)
+    _same(y_wide, y)
+    grads = vc.vera_backward(low["grad_y"], u, A, B, *vectors, in_features=HALF_SHAPE["in"])
+    grads_wide = vc.vera_backward(low["grad_y"], u_wide, A, B_wide, *vectors, in_features=HALF_SHAPE["in"])
+    for got, want in zip(grads_wide, grads, strict=True):
+        _same(got, want)

@@ -61,6 +61,7 @@ class VeraFunction(torch.autograd.Function):
             in_features=ctx.in_features,
             dropout_mask=dropout_mask,
             input_grad=ctx.needs_input_grad[1],
+            check=False,  # forward checked these; autograd matched grad_y to y
         )
         grad_base = grad_y if ctx.needs_input_grad[0] else None
         return grad_base, grads.x, None, None, grads.lambda_d, grads.lambda_b, None
@@ -96,6 +97,7 @@ class VeraDenseFunction(torch.autograd.Function):
             lambda_b,
             fan_in_fan_out=ctx.fan_in_fan_out,
             input_grad=ctx.needs_input_grad[0],
+            check=False,
         )
         return grads.x, None, None, None, None, grads.lambda_d, grads.lambda_b, None
 
@@ -240,6 +242,7 @@ class DvoraFunction(torch.autograd.Function):
             has_bias=ctx.has_bias and needs[10],
             dropout_mask=dropout_mask,
             input_grad=needs[1],
+            check=False,
         )
         grad_bias = None if grads.bias is None else grads.bias
         return (
@@ -384,6 +387,7 @@ class DvoraDenseFunction(torch.autograd.Function):
             detach_norm=ctx.detach_norm,
             has_bias=ctx.has_bias and needs[2],
             input_grad=needs[0],
+            check=False,
         )
         return (
             grads.x,

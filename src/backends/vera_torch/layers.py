@@ -224,7 +224,12 @@ class VeraLinear(nn.Module):
         return self.vera_lambda_d[name], self.vera_lambda_b[name]
 
     def _projections(self, name: str, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._state.projections.get(self.adapters[name].key, dtype, self.vera_lambda_b[name].device)
+        """``A`` as ``dtype`` (it multiplies the activations) and ``B`` as the vectors (it is only folded with them)."""
+        store, key, vectors = self._state.projections, self.adapters[name].key, self.vera_lambda_b[name]
+        A, B = store.get(key, dtype, vectors.device)
+        if B.dtype != vectors.dtype:
+            B = store.get(key, vectors.dtype, vectors.device)[1]
+        return A, B
 
     def _frozen(self, name: str, weight: torch.Tensor) -> vc.DvoraFrozen:
         spec = self.adapters[name]
@@ -286,14 +291,13 @@ class VeraLinear(nn.Module):
                 result = vera(result, xc, A, B, lambda_d, lambda_b, self._dropout_mask(name, xc))
         return result
 
-    def _merged_weight_pays(self, name: str, x: torch.Tensor) -> bool:
-        """Whether the merged-weight formulation applies and needs fewer multiply-adds.
+    def _merged_weight_pays(self, name: str, x: torch.Tensor, weight: Any) -> bool:
+        """Whether the merged-weight formulation applies to ``weight`` and needs fewer multiply-adds.
 
         It applies with a frozen floating weight of the activations' dtype (or any floating
         weight under autocast, which casts it anyway) and no dropout in effect. With 16-bit
         activations ``W0 + dW`` is rounded to 16 bits once, as the factored output is.
         """
-        weight = getattr(self.base_layer, "weight", None)
         dropout = self.training and self.adapters[name].dropout > 0.0
         if dropout or not isinstance(weight, torch.Tensor) or weight.requires_grad or not weight.is_floating_point():
             return False
@@ -313,10 +317,11 @@ class VeraLinear(nn.Module):
         plain = type(base) is nn.Linear or (
             type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers")
         )
-        bias = getattr(base, "bias", None)
-        if not plain or (bias is not None and bias.requires_grad) or not self._merged_weight_pays(name, x):
+        if not plain:
             return None
-        weight = self._dense_weight("the merged-weight path")
+        weight, bias = typing.cast(torch.Tensor, base.weight), typing.cast(torch.Tensor | None, base.bias)
+        if (bias is not None and bias.requires_grad) or not self._merged_weight_pays(name, x, weight):
+            return None
         A, B = self._projections(name, x.dtype)
         lambda_d, lambda_b = self._vectors(name)
         with _no_autocast(x):
@@ -330,13 +335,11 @@ class VeraLinear(nn.Module):
             A, B = self._projections(name, dtype)
             lambda_d, lambda_b = self._vectors(name)
             bias = self.bias
-            if bias is not None and not bias.requires_grad:
-                bias = bias.detach()
-            if self._merged_weight_pays(name, xc):
+            if self._merged_weight_pays(name, xc, weight):
                 return dvora_dense(
                     xc,
                     weight,
-                    None if bias is None else bias.to(self.vera_magnitude[name].dtype),
+                    bias,
                     frozen,
                     A,
                     B,
@@ -355,7 +358,7 @@ class VeraLinear(nn.Module):
                 self.vera_magnitude[name],
                 lambda_d,
                 lambda_b,
-                None if bias is None else bias.to(self.vera_magnitude[name].dtype),
+                bias,
                 self._dropout_mask(name, xc),
                 detach_norm=self.adapters[name].detach_norm,
             )

@@ -112,7 +112,13 @@ ERROR_CASES = (
     ),
     ErrorCase("integer-x", TypeError, "real floating", lambda i: i.vera(x=i.cast("x", "int32"))),
     ErrorCase("integer-lambda_d", TypeError, "real floating", lambda i: i.vera(d=i.cast("d", "int32"))),
-    ErrorCase("A-B-dtypes", TypeError, "share a dtype", lambda i: i.vera(B=i.cast("B", "float64")), "float64"),
+    ErrorCase(
+        "A-B-dtypes",
+        TypeError,
+        "B must share a dtype with A or with the vectors",
+        lambda i: i.vera(B=i.cast("B", "float64")),
+        "float64",
+    ),
     ErrorCase("vector-dtypes", TypeError, "lambda_d has dtype", lambda i: i.vera(b=i.cast("b", "float64")), "float64"),
     ErrorCase(
         "float64-vectors-float32-x",
