@@ -26,3 +26,17 @@ def test_merge_without_safe_passes_infinity_through(xp: Any, device: Any) -> Non
     a = inputs.layer.arrays
     merged = vc.merge(inputs.weight_with(math.inf), a["A"], a["B"], a["d"], a["b"])
     assert to_nested(merged)[0][0] == math.inf
+
+
+def test_arrays_of_two_libraries_are_refused_every_time() -> None:
+    """The namespace is remembered per combination of array types; a mix is never remembered."""
+    import numpy as np
+
+    strict = pytest.importorskip("array_api_strict")
+    A, B = vc.generate_projections(0, 4, 8, 6, xp=np)
+    d, b = np.full(4, 0.1, dtype=np.float32), np.zeros(6, dtype=np.float32)
+    x = np.ones((2, 8), dtype=np.float32)
+    vc.vera_forward(x, A, B, d, b)  # the NumPy combination is remembered
+    for _ in range(2):
+        with pytest.raises(TypeError, match=r"[Mm]ultiple namespaces"):
+            vc.vera_forward(strict.asarray(x), A, B, d, b)
