@@ -10,7 +10,15 @@ from __future__ import annotations
 from typing import Any
 
 from vera_core import _fused
-from vera_core._validation import AdapterShape, check_adapter, is_half
+from vera_core._validation import (
+    AdapterShape,
+    check_activations,
+    check_adapter,
+    check_positive_int,
+    check_same_shape,
+    checked_earlier,
+    is_half,
+)
 
 
 def layer_slices(A: Any, B: Any, shape: AdapterShape) -> tuple[Any, Any]:
@@ -131,6 +139,37 @@ def check_on_weight(
     )
     if shape.out_features != out_features:
         raise ValueError(f"lambda_b has length {shape.out_features} but the weight has {out_features} output features")
+    return xp, shape
+
+
+def backward_arguments(
+    grad_y: Any,
+    u: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    in_features: int,
+    *,
+    check: bool,
+    u_name: str = "u",
+    extra: dict[str, Any] | None = None,
+) -> tuple[Any, AdapterShape]:
+    """Namespace and sizes of a backward pass: its arguments checked, or taken as its checked forward left them."""
+    if not check:
+        return checked_earlier(grad_y, lambda_d, lambda_b, in_features)
+    check_positive_int("in_features", in_features)
+    xp, shape = check_adapter(
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        in_features,
+        activation_dtype=grad_y.dtype,
+        extra={"grad_y": grad_y, u_name: u, **(extra or {})},
+    )
+    check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+    check_same_shape(u_name, u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
     return xp, shape
 
 

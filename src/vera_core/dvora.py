@@ -25,7 +25,6 @@ from vera_core._validation import (
     check_positive_int,
     check_real_float_dtype,
     check_same_shape,
-    checked_earlier,
     namespace,
 )
 
@@ -381,22 +380,14 @@ def _checked_backward(
     check: bool,
 ) -> tuple[Any, AdapterShape]:
     """Namespace and sizes of a backward pass's arguments, checked unless ``check`` is False."""
-    if not check:
-        return checked_earlier(grad_y, lambda_d, lambda_b, in_features)
     u, z, norm = saved
-    check_positive_int("in_features", in_features)
-    xp, shape = check_adapter(
-        A,
-        B,
-        lambda_d,
-        lambda_b,
-        in_features,
-        activation_dtype=grad_y.dtype,
-        extra={"grad_y": grad_y, "u": u, "z": z, "magnitude": magnitude, "dropout_mask": dropout_mask},
+    extra = {"saved.z": z, "magnitude": magnitude, "dropout_mask": dropout_mask}
+    xp, shape = lr.backward_arguments(
+        grad_y, u, A, B, lambda_d, lambda_b, in_features, check=check, u_name="saved.u", extra=extra
     )
-    check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+    if not check:
+        return xp, shape
     check_same_shape("saved.z", z, tuple(grad_y.shape), "grad_y")
-    check_same_shape("saved.u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
     check_same_shape("saved.norm", norm, (shape.out_features,), "lambda_b")
     _check_magnitude(magnitude, lambda_d, shape.out_features)
     _check_frozen(frozen, shape.out_features, shape.rank)

@@ -164,22 +164,11 @@ def vera_backward(
     >>> g.x.shape, g.lambda_d.shape, g.lambda_b.shape
     ((2, 8), (4,), (6,))
     """
+    xp, shape = lr.backward_arguments(
+        grad_y, u, A, B, lambda_d, lambda_b, in_features, check=check, extra={"dropout_mask": dropout_mask}
+    )
     if check:
-        check_positive_int("in_features", in_features)
-        xp, shape = check_adapter(
-            A,
-            B,
-            lambda_d,
-            lambda_b,
-            in_features,
-            activation_dtype=grad_y.dtype,
-            extra={"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask},
-        )
-        check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
-        check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
         _check_mask(dropout_mask, (*grad_y.shape[:-1], in_features))
-    else:
-        xp, shape = checked_earlier(grad_y, lambda_d, lambda_b, in_features)
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
     grad_C = lr.token_gram(xp, grad_y, u, lambda_d.dtype)
