@@ -28,6 +28,9 @@ On CUDA each timed sample runs ``--inner`` steps back to back between synchronis
 The CUDA table also gives the GPU kernel time per step (torch.profiler), which leaves
 out the host's dispatch overhead: where the host is the bottleneck, the wall-clock time
 exceeds it. ``--profile VARIANT ...`` prints the CUDA kernels of one step of each (torch.profiler).
+``--compile MODE`` runs every variant through ``torch.compile`` (``reduce-overhead`` replays
+the step as a CUDA graph, which takes the host out of the loop); the first warm-up steps
+compile.
 
 Variants: ``bare`` (frozen ``nn.Linear``), ``vera`` (vera_torch, r=256), ``peft-vera``
 (PEFT ``VeraConfig(r=256)``), ``dvora`` (vera_torch DVoRA, r=256), ``peft-dora``
@@ -112,15 +115,18 @@ def _saved_bytes(step: Callable[[], torch.Tensor], exclude: set[int]) -> int:
     return sum(storages.values())
 
 
-def make_step(model: nn.Module, tokens: int, n_in: int, n_out: int, device: str, dtype: torch.dtype):
-    """A closure running forward + backward once, and its input (for the memory count)."""
+def make_step(
+    model: nn.Module, tokens: int, n_in: int, n_out: int, device: str, dtype: torch.dtype, compile_mode: str | None
+):
+    """A closure running forward + backward once (through ``torch.compile`` with a mode), and its input."""
     x = torch.randn(tokens, n_in, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(tokens, n_out, device=device, dtype=dtype)
     autocast = torch.autocast(device, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
+    forward = model if compile_mode is None else torch.compile(model, mode=compile_mode)
 
     def step() -> torch.Tensor:
         with autocast:
-            y = model(x)
+            y = forward(x)
         y.backward(g)
         x.grad = None
         for p in model.parameters():
@@ -226,13 +232,23 @@ def main() -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--inner", type=int, default=None, help="steps per timed sample (default: 10 CUDA, 1 CPU)")
     parser.add_argument("--profile", nargs="+", choices=VARIANTS, default=[], help="print one step's CUDA kernels")
+    parser.add_argument(
+        "--compile",
+        choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs"],
+        default=None,
+        help="run every variant through torch.compile with this mode (reduce-overhead: CUDA graphs); "
+        "the saved-memory and ops columns are then not measured",
+    )
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     where = torch.cuda.get_device_name() if args.device == "cuda" else f"{platform.processor() or 'cpu'}"
-    print(f"# torch {torch.__version__}, {args.device} ({where}), {args.dtype}, threads={torch.get_num_threads()}")
+    print(
+        f"# torch {torch.__version__}, {args.device} ({where}), {args.dtype}, threads={torch.get_num_threads()}"
+        + ("" if args.compile is None else f", torch.compile(mode={args.compile!r})")
+    )
     inner = args.inner or (10 if args.device == "cuda" else 1)
     cuda = args.device == "cuda"
     print(
@@ -249,9 +265,10 @@ def main() -> None:
                 print(f"| {size} | {variant} | skipped (peft not installed) | | | | | | |")
                 continue
             models[variant] = model
-            steps[variant], _ = make_step(model, tokens, n_in, n_out, args.device, dtype)
-            saved[variant] = saved_mib(model, steps[variant])
-            ops[variant] = ops_per_step(steps[variant])
+            steps[variant], _ = make_step(model, tokens, n_in, n_out, args.device, dtype, args.compile)
+            if args.compile is None:  # hooks and dispatch modes would see the compiled graph, not the layer
+                saved[variant] = saved_mib(model, steps[variant])
+                ops[variant] = ops_per_step(steps[variant])
             if cuda:
                 peak[variant] = peak_mib(steps[variant])
                 kernels[variant] = kernel_ms(steps[variant])
@@ -261,7 +278,7 @@ def main() -> None:
             ratio = f"{median / bare_median:.2f}x" if bare_median else ""
             best_ratio = f"{best / bare_best:.2f}x" if bare_best else ""
             row = f"| {size} | {variant} | {median * 1e3:.3f} | {ratio} | {best * 1e3:.3f} | {best_ratio} "
-            row += f"| {ops[variant]} | {saved[variant]:.1f} | {_extra(saved, variant)} |"
+            row += f"| {ops.get(variant, '-')} | {_mib(saved, variant)} | {_extra(saved, variant)} |"
             if cuda:
                 row += f" {peak[variant]:.1f} | {_extra(peak, variant)} | {kernels[variant]:.3f} |"
                 row += f" {kernels[variant] / kernels['bare']:.2f}x |" if "bare" in kernels else " |"
@@ -276,8 +293,12 @@ def main() -> None:
         del models, steps
 
 
+def _mib(mib: dict[str, float], variant: str) -> str:
+    return f"{mib[variant]:.1f}" if variant in mib else "-"
+
+
 def _extra(mib: dict[str, float], variant: str) -> str:
-    return f"{mib[variant] - mib['bare']:.1f}" if "bare" in mib else ""
+    return f"{mib[variant] - mib['bare']:.1f}" if variant in mib and "bare" in mib else ""
 
 
 if __name__ == "__main__":
