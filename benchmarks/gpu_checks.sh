@@ -17,6 +17,9 @@ python3 -c "import torch, cupy, jax; print('torch', torch.__version__, 'cupy', c
 
 timeout 240 python3 benchmarks/bench_torch_layer.py --device cuda --dtype bfloat16 --repeats 20 \
     --profile vera dvora 2>&1 | grep -v Warning | tee "$results/bench_torch_layer.md" || status=1
+timeout 300 python3 benchmarks/bench_torch_layer.py --device cuda --dtype bfloat16 --repeats 20 \
+    --sizes 8192x4096x4096 --compile reduce-overhead 2>&1 | grep "^[|#]" \
+    | tee "$results/bench_torch_layer_compiled.md" || status=1
 timeout 120 python3 benchmarks/bench_numpy_layer.py --backend cupy --tokens 8192 --features 4096 2>&1 \
     | tee "$results/bench_cupy_layer.md" || status=1
 timeout 60 python3 benchmarks/bench_projections_device.py 2>&1 | tee "$results/bench_projections_device.md" || status=1
