@@ -26,6 +26,7 @@ from vera_core.dvora import (
     dvora_merge,
     dvora_norm,
     dvora_precompute,
+    dvora_rows_output,
     dvora_unmerge,
     initial_magnitude,
 )
@@ -64,6 +65,7 @@ __all__ = [
     "dvora_merge",
     "dvora_norm",
     "dvora_precompute",
+    "dvora_rows_output",
     "dvora_unmerge",
     "generate_projections",
     "initial_magnitude",

@@ -24,7 +24,9 @@ from vera_core._validation import (
     check_ndim,
     check_positive_int,
     check_real_float_dtype,
+    check_same_device,
     check_same_shape,
+    check_vector_dtype,
     namespace,
 )
 
@@ -284,6 +286,56 @@ def _scaled(xp: Any, z: Any, magnitude: Any, norm: Any, bias: Any) -> Any:
     """``(m / n) * z + bias`` in the dtype of ``z`` (``m / n`` divided in the vectors' dtype)."""
     scale = lr.cast(xp, magnitude / lr.cast(xp, norm, magnitude.dtype), z.dtype)
     return scale_add(xp, z, scale, None if bias is None else lr.cast(xp, bias, z.dtype))
+
+
+def dvora_rows_output(z: Any, magnitude_rows: Any, norm_rows: Any, *, bias: Any = None) -> Any:
+    """``(m / n) * z + bias`` with each leading row's own adapter (mixed-adapter batches).
+
+    Row ``i`` of ``z`` is ``x_i W0^T`` plus that row's adapter term
+    (:func:`vera_core.vera_delta_rows`); ``magnitude_rows[i]`` and ``norm_rows[i]`` are
+    that adapter's ``m`` and ``n`` (:func:`dvora_norm`). Rows served by a VeRA adapter, or
+    by none, carry ones in both, and get ``z + bias``.
+
+    Parameters
+    ----------
+    z : array, shape (batch, ..., out)
+        The unscaled output, without the bias.
+    magnitude_rows, norm_rows : array, shape (batch, out)
+        Per row, in the vectors' dtype (the dtype of ``z``, or float32 beside 16-bit ``z``).
+    bias : array, shape (out,), optional
+        Added after scaling.
+
+    Returns
+    -------
+    array, shape (batch, ..., out)
+        In the dtype of ``z``; ``m / n`` is divided in the vectors' dtype.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> z = xp.ones((2, 3, 4))
+    >>> m = xp.stack([xp.full(4, 2.0), xp.ones(4)])  # row 0: a DVoRA adapter, row 1: none
+    >>> n = xp.stack([xp.full(4, 4.0), xp.ones(4)])
+    >>> y = dvora_rows_output(z, m, n, bias=xp.full(4, 0.5))
+    >>> float(y[0, 0, 0]), float(y[1, 0, 0])
+    (1.0, 1.5)
+    """
+    xp = namespace(*(a for a in (z, magnitude_rows, norm_rows, bias) if a is not None))
+    if z.ndim < 2:
+        raise ValueError(f"z must have shape (batch, ..., out), got {tuple(z.shape)}")
+    batch, out_features = z.shape[0], z.shape[-1]
+    for name, rows in (("magnitude_rows", magnitude_rows), ("norm_rows", norm_rows)):
+        check_same_shape(name, rows, (batch, out_features), "(batch, out_features) of z")
+        check_real_float_dtype(xp, rows.dtype, name)
+    if norm_rows.dtype != magnitude_rows.dtype:
+        raise TypeError(f"norm_rows has dtype {norm_rows.dtype} but magnitude_rows has {magnitude_rows.dtype}")
+    check_real_float_dtype(xp, z.dtype, "z")
+    check_vector_dtype(xp, magnitude_rows.dtype, z.dtype)
+    if bias is not None:
+        check_same_shape("bias", bias, (out_features,), "(out_features,)")
+    check_same_device({"z": z, "magnitude_rows": magnitude_rows, "norm_rows": norm_rows, "bias": bias})
+    scale = xp.reshape(magnitude_rows / norm_rows, (batch,) + (1,) * (z.ndim - 2) + (out_features,))
+    return scale_add(xp, z, lr.cast(xp, scale, z.dtype), None if bias is None else lr.cast(xp, bias, z.dtype))
 
 
 def dvora_backward(

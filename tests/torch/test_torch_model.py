@@ -289,11 +289,33 @@ def test_activation_checkpointing_gives_the_same_gradients():
         torch.testing.assert_close(a, b)
 
 
-def test_mixed_batch_refuses_dvora_and_merged():
+@pytest.mark.parametrize("detach_norm", [False, True])
+def test_mixed_batch_with_dvora_rows_matches_per_adapter_loop(detach_norm: bool) -> None:
+    """DVoRA rows (two adapters, ranks 8 and 4), VeRA rows and plain rows: outputs and every gradient."""
+    model = vt.add_vera(_lm(), "all-linear", r=8, adapter_name="v")
+    vt.add_vera(model, "all-linear", r=8, dvora=True, detach_norm=detach_norm, adapter_name="d")
+    vt.add_vera(model, "all-linear", r=4, dvora=True, detach_norm=detach_norm, adapter_name="e")
+    randomize_vectors(model)
+    names = ["d", "v", "__base__", "e", "d"]
+    ids = _ids(batch=len(names))
+    named = {n: p for n, p in model.named_parameters() if "vera_" in n}
+    for param in named.values():
+        param.requires_grad_(True)
+    mixed = model(ids, adapter_names=names)
+    grads = torch.autograd.grad(mixed.square().sum(), list(named.values()))
+    reference = one_adapter_per_row(model, ids, names)
+    for param in named.values():  # set_adapter in the loop left only the last adapter trainable
+        param.requires_grad_(True)
+    want = torch.autograd.grad(reference.square().sum(), list(named.values()))
+    torch.testing.assert_close(mixed, reference, atol=1e-5, rtol=1e-5)
+    for name, got, expected in zip(named, grads, want, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=name)
+    magnitudes = [g for n, g in zip(named, grads, strict=True) if "vera_magnitude" in n]
+    assert magnitudes and all(float(g.abs().sum()) > 0 for g in magnitudes)
+
+
+def test_mixed_batch_refuses_merged_adapters():
     model = vt.add_vera(_lm(), ["up"], r=2, adapter_name="v")
-    vt.add_vera(model, ["up"], r=2, dvora=True, adapter_name="d")
-    with pytest.raises(NotImplementedError, match="VeRA adapters only"):
-        model(_ids(batch=2), adapter_names=["v", "d"])
     vt.merge_adapter(model, ["v"])
     with pytest.raises(RuntimeError, match="unmerge first"):
         model(_ids(batch=2), adapter_names=["v", "v"])

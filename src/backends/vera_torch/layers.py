@@ -364,7 +364,11 @@ class VeraLinear(nn.Module):
             )
 
     def _mixed_forward(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each batch row uses its own adapter: one gather of vectors per shared pair, no loop over adapters."""
+        """Each batch row uses its own adapter: one gather of vectors per shared pair, no loop over adapters.
+
+        Rows of DVoRA adapters are then scaled by their ``m / n`` (gathered too) and get the bias
+        after it; rows of VeRA adapters, and rows of none, by one.
+        """
         if x.dim() < 2 or len(names) != x.shape[0]:
             raise ValueError(
                 f"adapter_names has {len(names)} entries but the batch has {x.shape[0] if x.dim() else 0} rows; "
@@ -372,22 +376,40 @@ class VeraLinear(nn.Module):
             )
         if self.merged_adapters:
             raise RuntimeError("mixed-adapter batches need unmerged adapters; unmerge first")
-        result = self.base_layer(x, *args, **kwargs)
         used = sorted({n for n in names if n != BASE_ADAPTER and n in self.adapters})
         if not used:
-            return result
+            return self.base_layer(x, *args, **kwargs)
         dtype = _compute_dtype(x)
         xc = x.to(dtype)
-        result = result.to(dtype)
+        dvora_used = [n for n in used if self.adapters[n].method == "dvora"]
+        # DVoRA rows scale x W0^T + dW and add the bias after: the sum starts without it
+        result = self._base_without_bias(xc) if dvora_used else self.base_layer(x, *args, **kwargs).to(dtype)
         groups: dict[ProjectionKey, list[str]] = {}
         for name in used:
-            if self.adapters[name].method != "vera":
-                raise NotImplementedError(f"mixed-adapter batches support VeRA adapters only; {name!r} is DVoRA")
             groups.setdefault(self.adapters[name].key, []).append(name)
         with _no_autocast(x):
             for key, group in groups.items():  # one pass per shared pair (normally exactly one)
                 result = result + self._mixed_delta(xc, names, key, group, dtype)
+            if dvora_used:
+                magnitude_rows, norm_rows = self._mixed_scales(names, dvora_used, x.device)
+                return vc.dvora_rows_output(result, magnitude_rows, norm_rows, bias=self.bias)
         return result
+
+    def _mixed_scales(
+        self, names: Sequence[str], dvora_used: list[str], device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per row, the magnitude and the norm of its DVoRA adapter (ones for every other row)."""
+        weight = self._dense_weight("DVoRA")
+        ones = torch.ones(self.out_features, dtype=self.vera_magnitude[dvora_used[0]].dtype, device=device)
+        magnitudes, norms = [ones], [ones]
+        for name in dvora_used:
+            _, B = self._projections(name)
+            norm = vc.dvora_norm(self._frozen(name, weight), B, *self._vectors(name))
+            norms.append(norm.detach() if self.adapters[name].detach_norm else norm)
+            magnitudes.append(self.vera_magnitude[name])
+        position = {n: i for i, n in enumerate(dvora_used, start=1)}
+        index = torch.tensor([position.get(n, 0) for n in names], device=device)
+        return torch.stack(magnitudes)[index], torch.stack(norms)[index]
 
     def _mixed_delta(
         self, x: torch.Tensor, names: Sequence[str], key: ProjectionKey, group: list[str], dtype: torch.dtype
