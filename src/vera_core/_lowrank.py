@@ -16,8 +16,8 @@ from vera_core._validation import (
     check_adapter,
     check_positive_int,
     check_same_shape,
-    checked_earlier,
     is_half,
+    namespace,
 )
 
 
@@ -154,20 +154,23 @@ def backward_arguments(
     check: bool,
     u_name: str = "u",
     extra: dict[str, Any] | None = None,
+    weight: Any = None,
+    fan_in_fan_out: bool = False,
 ) -> tuple[Any, AdapterShape]:
-    """Namespace and sizes of a backward pass: its arguments checked, or taken as its checked forward left them."""
+    """Namespace and sizes of a backward pass: its arguments checked, or taken as its checked forward left them.
+
+    With ``weight`` (the dense paths) the adapter is checked against it, as :func:`check_on_weight` does.
+    """
     if not check:
-        return checked_earlier(grad_y, lambda_d, lambda_b, in_features)
+        return namespace(grad_y), AdapterShape(lambda_d.shape[0], lambda_b.shape[0], in_features)
     check_positive_int("in_features", in_features)
-    xp, shape = check_adapter(
-        A,
-        B,
-        lambda_d,
-        lambda_b,
-        in_features,
-        activation_dtype=grad_y.dtype,
-        extra={"grad_y": grad_y, u_name: u, **(extra or {})},
-    )
+    named = {"grad_y": grad_y, u_name: u, **(extra or {})}
+    if weight is None:
+        xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features, activation_dtype=grad_y.dtype, extra=named)
+    else:
+        xp, shape = check_on_weight(
+            A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=grad_y.dtype, extra=named
+        )
     check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
     check_same_shape(u_name, u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
     return xp, shape

@@ -185,8 +185,3 @@ def check_finite(xp: Any, name: str, array: Any) -> None:
     """Raise ValueError when ``array`` holds NaN or infinity."""
     if not bool(xp.all(xp.isfinite(array))):
         raise ValueError(f"{name} contains NaN or infinity; refusing to merge (merge with safe=False to force)")
-
-
-def checked_earlier(array: Any, lambda_d: Any, lambda_b: Any, in_features: int) -> tuple[Any, AdapterShape]:
-    """Namespace and sizes of arguments a forward pass already checked (``check=False``)."""
-    return namespace(array), AdapterShape(lambda_d.shape[0], lambda_b.shape[0], in_features)

@@ -334,8 +334,8 @@ def dvora_rows_output(z: Any, magnitude_rows: Any, norm_rows: Any, *, bias: Any 
     if bias is not None:
         check_same_shape("bias", bias, (out_features,), "(out_features,)")
     check_same_device({"z": z, "magnitude_rows": magnitude_rows, "norm_rows": norm_rows, "bias": bias})
-    scale = xp.reshape(magnitude_rows / norm_rows, (batch,) + (1,) * (z.ndim - 2) + (out_features,))
-    return scale_add(xp, z, lr.cast(xp, scale, z.dtype), None if bias is None else lr.cast(xp, bias, z.dtype))
+    per_row = (batch,) + (1,) * (z.ndim - 2) + (out_features,)  # broadcast over the tokens of each row
+    return _scaled(xp, z, xp.reshape(magnitude_rows, per_row), xp.reshape(norm_rows, per_row), bias)
 
 
 def dvora_backward(
@@ -405,20 +405,27 @@ def dvora_backward(
     >>> g.magnitude.shape, g.lambda_b.shape, g.base.shape
     ((6,), (6,), (3, 6))
     """
-    xp, shape = _checked_backward(
-        grad_y, saved, frozen, A, B, magnitude, lambda_d, lambda_b, in_features, dropout_mask, check
-    )
-    A_s, B_s = lr.layer_slices(A, B, shape)
-    C = lr.fold(xp, B_s, lambda_d, lambda_b)
-    grads, scale = _vector_grads(
-        xp, grad_y, saved, frozen, B_s, C, magnitude, lambda_d, lambda_b, detach_norm=detach_norm, has_bias=has_bias
+    xp, A_s, C, grads, scale = _shared_backward(
+        grad_y,
+        saved,
+        frozen,
+        A,
+        B,
+        magnitude,
+        lambda_d,
+        lambda_b,
+        in_features,
+        check=check,
+        detach_norm=detach_norm,
+        has_bias=has_bias,
+        dropout_mask=dropout_mask,
     )
     grad_z = grad_y * lr.cast(xp, scale, grad_y.dtype) if input_grad or base_grad else None
     grad_x = lr.input_grad(xp, grad_z, C, A_s, dropout_mask) if input_grad else None
     return grads._replace(x=grad_x, base=grad_z if base_grad else None)
 
 
-def _checked_backward(
+def _shared_backward(
     grad_y: Any,
     saved: DvoraSaved,
     frozen: DvoraFrozen,
@@ -428,22 +435,46 @@ def _checked_backward(
     lambda_d: Any,
     lambda_b: Any,
     in_features: int,
-    dropout_mask: Any,
+    *,
     check: bool,
-) -> tuple[Any, AdapterShape]:
-    """Namespace and sizes of a backward pass's arguments, checked unless ``check`` is False."""
+    detach_norm: bool,
+    has_bias: bool,
+    dropout_mask: Any = None,
+    weight: Any = None,
+    fan_in_fan_out: bool = False,
+) -> tuple[Any, Any, Any, DvoraGrads, Any]:
+    """What both DVoRA backward passes share: ``(xp, A_s, C, grads, s)``.
+
+    The arguments are checked unless ``check`` is False (against ``weight`` when given);
+    ``grads`` holds the gradients of ``m``, the vectors and the bias (``x`` and ``base``
+    None) and ``s = m / n``.
+    """
     u, z, norm = saved
-    extra = {"saved.z": z, "magnitude": magnitude, "dropout_mask": dropout_mask}
     xp, shape = lr.backward_arguments(
-        grad_y, u, A, B, lambda_d, lambda_b, in_features, check=check, u_name="saved.u", extra=extra
+        grad_y,
+        u,
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        in_features,
+        check=check,
+        u_name="saved.u",
+        extra={"saved.z": z, "magnitude": magnitude, "dropout_mask": dropout_mask},
+        weight=weight,
+        fan_in_fan_out=fan_in_fan_out,
     )
-    if not check:
-        return xp, shape
-    check_same_shape("saved.z", z, tuple(grad_y.shape), "grad_y")
-    check_same_shape("saved.norm", norm, (shape.out_features,), "lambda_b")
-    _check_magnitude(magnitude, lambda_d, shape.out_features)
-    _check_frozen(frozen, shape.out_features, shape.rank)
-    return xp, shape
+    if check:
+        check_same_shape("saved.z", z, tuple(grad_y.shape), "grad_y")
+        check_same_shape("saved.norm", norm, (shape.out_features,), "lambda_b")
+        _check_magnitude(magnitude, lambda_d, shape.out_features)
+        _check_frozen(frozen, shape.out_features, shape.rank)
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    grads, scale = _vector_grads(
+        xp, grad_y, saved, frozen, B_s, C, magnitude, lambda_d, lambda_b, detach_norm=detach_norm, has_bias=has_bias
+    )
+    return xp, A_s, C, grads, scale
 
 
 def _vector_grads(
@@ -642,16 +673,21 @@ def dvora_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - whole)) < 1e-12), dense.base is None
     (True, True)
     """
-    in_features = lr.weight_shape(weight, fan_in_fan_out)[1]
-    if check:
-        lr.check_on_weight(
-            A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=grad_y.dtype, extra={"grad_y": grad_y}
-        )
-    xp, shape = _checked_backward(grad_y, saved, frozen, A, B, magnitude, lambda_d, lambda_b, in_features, None, check)
-    A_s, B_s = lr.layer_slices(A, B, shape)
-    C = lr.fold(xp, B_s, lambda_d, lambda_b)
-    grads, scale = _vector_grads(
-        xp, grad_y, saved, frozen, B_s, C, magnitude, lambda_d, lambda_b, detach_norm=detach_norm, has_bias=has_bias
+    xp, A_s, C, grads, scale = _shared_backward(
+        grad_y,
+        saved,
+        frozen,
+        A,
+        B,
+        magnitude,
+        lambda_d,
+        lambda_b,
+        lr.weight_shape(weight, fan_in_fan_out)[1],
+        check=check,
+        detach_norm=detach_norm,
+        has_bias=has_bias,
+        weight=weight,
+        fan_in_fan_out=fan_in_fan_out,
     )
     if not input_grad:
         return grads

@@ -25,7 +25,6 @@ from vera_core._validation import (
     check_ndim,
     check_positive_int,
     check_same_shape,
-    checked_earlier,
 )
 
 
@@ -380,21 +379,10 @@ def vera_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - (factored.x + linear_input_grad(g, W)))) < 1e-12)
     True
     """
-    if check:
-        xp, shape = lr.check_on_weight(
-            A,
-            B,
-            lambda_d,
-            lambda_b,
-            weight,
-            fan_in_fan_out,
-            activation_dtype=grad_y.dtype,
-            extra={"grad_y": grad_y, "u": u},
-        )
-        check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
-        check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
-    else:
-        xp, shape = checked_earlier(grad_y, lambda_d, lambda_b, lr.weight_shape(weight, fan_in_fan_out)[1])
+    in_features = lr.weight_shape(weight, fan_in_fan_out)[1]
+    xp, shape = lr.backward_arguments(
+        grad_y, u, A, B, lambda_d, lambda_b, in_features, check=check, weight=weight, fan_in_fan_out=fan_in_fan_out
+    )
     A_s, B_s = lr.layer_slices(A, B, shape)
     grad_C = lr.token_gram(xp, grad_y, u, lambda_d.dtype)
     grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
