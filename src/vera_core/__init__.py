@@ -25,6 +25,7 @@ from vera_core.dvora import (
     dvora_forward_dense,
     dvora_merge,
     dvora_norm,
+    dvora_norm_rows,
     dvora_precompute,
     dvora_rows_output,
     dvora_unmerge,
@@ -33,6 +34,7 @@ from vera_core.dvora import (
 from vera_core.linear import linear, linear_input_grad
 from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections, kaiming_bound, kaiming_uniform
 from vera_core.vera import (
+    DENSE_MIN_SAVING,
     VeraGrads,
     delta_weight,
     dense_is_cheaper,
@@ -48,6 +50,7 @@ from vera_core.vera import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "DENSE_MIN_SAVING",
     "PRNG_ID",
     "PRNG_VERSION",
     "DvoraFrozen",
@@ -64,6 +67,7 @@ __all__ = [
     "dvora_forward_dense",
     "dvora_merge",
     "dvora_norm",
+    "dvora_norm_rows",
     "dvora_precompute",
     "dvora_rows_output",
     "dvora_unmerge",

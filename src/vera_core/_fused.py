@@ -21,6 +21,20 @@ def matmul_add(xp: Any, c: Any, a: Any, b: Any, *, beta: float = 1.0) -> Any:
     return (c if beta == 1.0 else beta * c) + a @ b
 
 
+def batch_matmul_add(xp: Any, c: Any, a: Any, b: Any) -> Any:
+    """``c + a @ b`` for 3-D arrays (``torch.baddbmm``: the sum happens in the product's epilogue)."""
+    if is_torch_namespace(xp):
+        return xp.baddbmm(c, a, b)
+    return c + a @ b
+
+
+def add_product(xp: Any, c: Any, a: Any, b: Any) -> Any:
+    """``c + a * b`` (broadcasting); PyTorch: ``torch.addcmul``, one pass."""
+    if is_torch_namespace(xp):
+        return xp.addcmul(c, a, b)
+    return c + a * b
+
+
 def linear(xp: Any, x: Any, weight: Any, bias: Any) -> Any:
     """``x @ weight.T + bias`` (``bias`` may be None), ``x`` of shape (..., in), ``weight`` (out, in).
 
@@ -38,11 +52,7 @@ def scale_add(xp: Any, z: Any, scale: Any, bias: Any) -> Any:
 
     PyTorch: ``torch.addcmul``, one pass over ``z``.
     """
-    if bias is None:
-        return z * scale
-    if is_torch_namespace(xp):
-        return xp.addcmul(bias, z, scale)
-    return z * scale + bias
+    return z * scale if bias is None else add_product(xp, bias, z, scale)
 
 
 def sub_product(xp: Any, c: Any, a: Any, b: Any) -> Any:

@@ -42,6 +42,55 @@ def fold(xp: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -> Any:
     return lambda_b[:, None] * cast(xp, B_s, lambda_d.dtype) * lambda_d
 
 
+def fold_row_t(xp: Any, B_s_t: Any, lambda_d_row: Any, lambda_b_row: Any) -> Any:
+    """``C^T`` (r x out) from ``B_s^T`` and one bank row of each vector, (1, r) and (1, out).
+
+    The transpose of :func:`fold` of the flattened vectors, without flattening them (an
+    adapter bank holds its vectors as rows): ``C^T = diag(lambda_d) B_s^T diag(lambda_b)``.
+    """
+    return lambda_d_row.T * cast(xp, B_s_t, lambda_d_row.dtype) * lambda_b_row
+
+
+def fold_rows(xp: Any, B_s: Any, lambda_d_rows: Any, lambda_b_rows: Any) -> Any:
+    """``C`` of every row: (n, out, r) from ``lambda_d_rows`` (n, r) and ``lambda_b_rows`` (n, out)."""
+    B_w = cast(xp, B_s, lambda_d_rows.dtype)
+    return lambda_b_rows[:, :, None] * B_w[None, :, :] * lambda_d_rows[:, None, :]
+
+
+def rows_delta(xp: Any, u: Any, B_s: Any, lambda_d_rows: Any, lambda_b_rows: Any, base: Any = None) -> Any:
+    """Each leading row's adapter term, added to ``base`` when given; ``u`` is (batch, ..., r).
+
+    Row ``i`` gets ``lambda_b_rows[i] * ((u_i * lambda_d_rows[i]) B_s^T)``. Whichever of two
+    equal forms touches fewer numbers is used: per-row folded matrices ``C_i`` (batch x out
+    x r, one batched product, whose epilogue adds ``base``) when the rows hold more tokens
+    than the rank, else the vectors on the activations (one fused multiply-add over
+    ``base``). The vectors are cast to the dtype of ``u`` first.
+    """
+    batch, rank = u.shape[0], u.shape[-1]
+    out_features = lambda_b_rows.shape[-1]
+    d_rows, b_rows = cast(xp, lambda_d_rows, u.dtype), cast(xp, lambda_b_rows, u.dtype)
+    shape = (*u.shape[:-1], out_features)
+    tokens_per_row = 1
+    for size in u.shape[1:-1]:
+        tokens_per_row *= size
+    if tokens_per_row > rank:
+        C_t = xp.permute_dims(fold_rows(xp, B_s, d_rows, b_rows), (0, 2, 1))  # (batch, r, out)
+        u3 = xp.reshape(u, (batch, tokens_per_row, rank))
+        if base is None:
+            return xp.reshape(u3 @ C_t, shape)
+        base3 = xp.reshape(base, (batch, tokens_per_row, out_features))
+        return xp.reshape(_fused.batch_matmul_add(xp, base3, u3, C_t), shape)
+    per_row = (batch,) + (1,) * (u.ndim - 2)
+    product = (u * xp.reshape(d_rows, (*per_row, rank))) @ cast(xp, B_s, u.dtype).T
+    b_rows = xp.reshape(b_rows, (*per_row, out_features))
+    return product * b_rows if base is None else _fused.add_product(xp, base, product, b_rows)
+
+
+def project_t(xp: Any, x: Any, A_s_t: Any) -> Any:
+    """``u = x A_s^T`` from ``A_s^T`` (in x r) in the dtype of ``x`` (the operator: no wrapper on the hot path)."""
+    return x @ cast(xp, A_s_t, x.dtype)
+
+
 def project(xp: Any, x: Any, A_s: Any, dropout_mask: Any) -> Any:
     """``u = (x * mask) A_s^T`` (..., r) in the dtype of ``x``."""
     if dropout_mask is not None:
@@ -51,7 +100,12 @@ def project(xp: Any, x: Any, A_s: Any, dropout_mask: Any) -> Any:
 
 def add_product(xp: Any, base: Any, u: Any, C: Any) -> Any:
     """``base + u C^T`` over the leading dimensions, ``C`` cast to the dtype of ``u`` (one fused product)."""
-    C_t = cast(xp, C, u.dtype).T
+    return add_product_t(xp, base, u, cast(xp, C, u.dtype).T)
+
+
+def add_product_t(xp: Any, base: Any, u: Any, C_t: Any) -> Any:
+    """``base + u C_t`` over the leading dimensions, ``C_t`` cast to the dtype of ``u`` (one fused product)."""
+    C_t = cast(xp, C_t, u.dtype)
     if base.ndim == 2:
         return _fused.matmul_add(xp, base, u, C_t)
     return xp.reshape(_fused.matmul_add(xp, flatten_tokens(xp, base), flatten_tokens(xp, u), C_t), base.shape)

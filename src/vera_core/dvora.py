@@ -141,10 +141,15 @@ def _check_frozen(frozen: DvoraFrozen, out_features: int, rank: int) -> None:
 
 
 def _gram_norm(xp: Any, frozen: DvoraFrozen, C: Any) -> Any:
+    """The row norms from ``C`` (out x r), or from a stack of them (n x out x r: one norm row each)."""
     work = frozen.weight_proj.dtype
     Cw = lr.cast(xp, C, work)
     # n^2 = ||W0_i||^2 + C_i . (2 W0 A_s^T + C A_s A_s^T)_i
-    sq = frozen.weight_sq_norm + xp.sum(Cw * matmul_add(xp, frozen.weight_proj, Cw, frozen.gram, beta=2.0), axis=1)
+    if Cw.ndim == 2:
+        inner = matmul_add(xp, frozen.weight_proj, Cw, frozen.gram, beta=2.0)
+    else:
+        inner = 2.0 * frozen.weight_proj + xp.matmul(Cw, frozen.gram)
+    sq = frozen.weight_sq_norm + xp.sum(Cw * inner, axis=-1)
     return xp.sqrt(clamp_min(xp, sq, float(xp.finfo(work).smallest_normal)))
 
 
@@ -169,6 +174,50 @@ def dvora_norm(frozen: DvoraFrozen, B: Any, lambda_d: Any, lambda_b: Any) -> Any
     _check_frozen(frozen, out_features, rank)
     C = lr.fold(xp, B[:out_features, :rank], lambda_d, lambda_b)
     return _gram_norm(xp, frozen, C)
+
+
+def dvora_norm_rows(frozen: DvoraFrozen, B: Any, lambda_d_rows: Any, lambda_b_rows: Any) -> Any:
+    """:func:`dvora_norm` of several adapters at once: one row of norms per row of vectors.
+
+    Parameters
+    ----------
+    frozen : DvoraFrozen
+        The layer's frozen pieces (:func:`dvora_precompute`) for rank ``r``.
+    B : array
+        The shared B (max_out x R).
+    lambda_d_rows : array, shape (n, r)
+    lambda_b_rows : array, shape (n, out)
+
+    Returns
+    -------
+    array, shape (n, out)
+        In float32 or wider, as :func:`dvora_norm`.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> frozen = dvora_precompute(xp.ones((6, 8)), A, 4)
+    >>> d, b = xp.full((2, 4), 0.1), xp.stack([xp.zeros(6), xp.ones(6)])
+    >>> rows = dvora_norm_rows(frozen, B, d, b)
+    >>> bool(xp.allclose(rows[1], dvora_norm(frozen, B, d[1], b[1])))
+    True
+    """
+    xp = namespace(frozen.gram, B, lambda_d_rows, lambda_b_rows)
+    check_ndim("lambda_d_rows", lambda_d_rows, 2, "(n, rank)")
+    check_ndim("lambda_b_rows", lambda_b_rows, 2, "(n, out_features)")
+    if lambda_d_rows.shape[0] != lambda_b_rows.shape[0]:
+        raise ValueError(
+            f"lambda_d_rows has {lambda_d_rows.shape[0]} rows but lambda_b_rows has {lambda_b_rows.shape[0]}"
+        )
+    rank, out_features = lambda_d_rows.shape[1], lambda_b_rows.shape[1]
+    _check_frozen(frozen, out_features, rank)
+    check_ndim("B", B, 2, "the shared matrix B (max_out x rank)")
+    if out_features > B.shape[0] or rank > B.shape[1]:
+        raise ValueError(f"the rows need B[:{out_features}, :{rank}] but the shared B has shape {tuple(B.shape)}")
+    C_rows = lr.fold_rows(xp, B[:out_features, :rank], lambda_d_rows, lambda_b_rows)
+    return _gram_norm(xp, frozen, C_rows)
 
 
 def dense_norm(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan_in_fan_out: bool = False) -> Any:

@@ -17,9 +17,12 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from array_api_compat import device as device_of
+
 from vera_core import _lowrank as lr
 from vera_core._validation import (
     check_activations,
+    namespace,
     check_adapter,
     check_finite,
     check_ndim,
@@ -278,26 +281,34 @@ def unmerge(
     return _shift_weight(weight, A, B, lambda_d, lambda_b, True, fan_in_fan_out, False)
 
 
+DENSE_MIN_SAVING = 1 << 20
+"""Multiply-adds the dense formulation must save to be taken: below this the work is small
+enough that its fixed costs (an extra pass's dispatch, a weight-sized temporary) decide."""
+
+
 def dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int, *, backward: bool = True) -> bool:
-    """Whether the dense formulation (:func:`vera_forward_dense`) needs fewer multiply-adds.
+    """Whether the dense formulation (:func:`vera_forward_dense`) saves work worth taking.
 
     Factored: ``u = x A^T``, ``u C^T`` (and in backward ``grad_y^T u``, ``grad_y C``,
     ``(grad_y C) A``) cost ``T r (2 in + 3 out)``, or ``T r (in + out)`` without
     backward. Dense: ``W' = W0 + C A`` once per pass (``out r in``), ``u = x A^T``
     and, in backward, ``grad_y^T u``; the product with ``W'`` replaces the frozen
-    layer's own and costs nothing extra.
+    layer's own and costs nothing extra. The dense form is taken when it saves at least
+    :data:`DENSE_MIN_SAVING` multiply-adds.
 
     Examples
     --------
     >>> dense_is_cheaper(2048, 1024, 1024, 256), dense_is_cheaper(16, 1024, 1024, 256)
     (True, False)
+    >>> dense_is_cheaper(64, 32, 32, 8)  # fewer multiply-adds, but too few to matter
+    False
     """
     passes = 2 if backward else 1
     factored = tokens * rank * ((2 * in_features + 3 * out_features) if backward else (in_features + out_features))
     dense = passes * out_features * rank * in_features + tokens * rank * (
         in_features + (out_features if backward else 0)
     )
-    return dense < factored
+    return factored - dense >= DENSE_MIN_SAVING
 
 
 def vera_forward_dense(
@@ -394,14 +405,22 @@ def vera_backward_dense(
     return VeraGrads(grad_x, grad_d, grad_b)
 
 
-def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: Any) -> Any:
+def _first_row(rows: Any) -> Any:
+    """Row 0 of a (batch, n) array, or zeros of length n for an empty batch (for the checks)."""
+    if rows.shape[0]:
+        return rows[0, :]
+    return namespace(rows).zeros(rows.shape[1], dtype=rows.dtype, device=device_of(rows))
+
+
+def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: Any, *, base: Any = None) -> Any:
     """The VeRA adapter term with different vectors for each leading row (mixed-adapter batches).
 
     Row ``i`` of ``x`` (shape (batch, ..., in)) gets
     ``lambda_b_rows[i] * (B_s (lambda_d_rows[i] * (A_s x_i)))``. Rows of zeros select no
     adapter; adapters of smaller rank are served by zero-padding their ``lambda_d``
-    (exact). The vectors scale the (tokens x r) and (tokens x out) activations here,
-    since they differ from row to row.
+    (exact). The cost does not depend on how many adapters the rows come from: one
+    shared product with ``A``, then either the vectors on the activations or one folded
+    matrix per row, whichever touches fewer numbers.
 
     Parameters
     ----------
@@ -410,6 +429,9 @@ def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: A
         The shared projections.
     lambda_d_rows : array, shape (batch, r)
     lambda_b_rows : array, shape (batch, out)
+    base : array, shape (batch, ..., out), optional
+        The frozen layer's output; when given, ``base`` plus the adapter terms is
+        returned (one fused pass).
 
     Returns
     -------
@@ -438,16 +460,16 @@ def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: A
     xp, shape = check_adapter(
         A,
         B,
-        lambda_d_rows[0, :],
-        lambda_b_rows[0, :],
+        _first_row(lambda_d_rows),
+        _first_row(lambda_b_rows),
         x.shape[-1],
         activation_dtype=x.dtype,
-        extra={"x": x, "lambda_d_rows": lambda_d_rows, "lambda_b_rows": lambda_b_rows},
+        extra={"x": x, "lambda_d_rows": lambda_d_rows, "lambda_b_rows": lambda_b_rows, "base": base},
     )
     check_activations("x", x, shape.in_features, "in_features on the last axis")
+    if base is not None:
+        check_same_shape("base", base, (*x.shape[:-1], shape.out_features), "x with out_features last")
+        if base.dtype != x.dtype:
+            raise TypeError(f"base has dtype {base.dtype} but x has {x.dtype}")
     A_s, B_s = lr.layer_slices(A, B, shape)
-    broadcast = (batch,) + (1,) * (x.ndim - 2)
-    row_d = lr.cast(xp, xp.reshape(lambda_d_rows, (*broadcast, shape.rank)), x.dtype)
-    row_b = lr.cast(xp, xp.reshape(lambda_b_rows, (*broadcast, shape.out_features)), x.dtype)
-    u = lr.project(xp, x, A_s, None)
-    return xp.matmul(u * row_d, lr.cast(xp, B_s, x.dtype).T) * row_b
+    return lr.rows_delta(xp, lr.project(xp, x, A_s, None), B_s, lambda_d_rows, lambda_b_rows, base)

@@ -107,8 +107,7 @@ def test_loading_next_to_an_existing_adapter(tmp_path):
     y = model(_ids())
     with pytest.raises(ValueError, match="already has an adapter named 'default'"):
         vt.load_adapter(model, path)
-    with pytest.raises(ValueError, match="'copy' clashes"):
-        vt.load_adapter(model, path, "copy")
+    vt.load_adapter(model, path, "copy")  # any identifier: adapters are bank rows, not attributes
     vt.load_adapter(model, path, "second", activate=True)
     assert len(model.vera_state.projections) == 1  # same seed and shapes: the pair is shared
     torch.testing.assert_close(model(_ids()), y, rtol=0, atol=0)

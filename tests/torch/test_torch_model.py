@@ -7,7 +7,15 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from torch import nn  # noqa: E402
-from torch_helpers import Conv1D, Int8Linear, TinyLM, one_adapter_per_row, randomize_vectors  # noqa: E402
+from torch_helpers import (  # noqa: E402
+    Conv1D,
+    Int8Linear,
+    TinyLM,
+    one_adapter_per_row,
+    randomize_vectors,
+    vector_grads,
+    vector_params,
+)
 
 import vera_core as vc  # noqa: E402
 import vera_torch as vt  # noqa: E402
@@ -29,7 +37,7 @@ def test_initial_model_is_unchanged_and_only_vectors_train():
     vt.add_vera(model, target_modules=["q_proj", "v_proj"], r=4)
     torch.testing.assert_close(model(_ids()), bare(_ids()), rtol=0, atol=0)
     trainable = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert trainable and all(".vera_lambda_" in n for n in trainable)
+    assert trainable and all(".vera_banks." in n and n.endswith((".lambda_d", ".lambda_b")) for n in trainable)
     report = vt.trainable_parameters(model)
     assert report.trainable == 4 * (4 + 16) == report.by_adapter["default"]
     assert "trainable params: 80" in str(report)
@@ -41,9 +49,9 @@ def test_forward_equals_delta_weight():
     randomize_vectors(model)
     layer = model.layers[0].up
     x = torch.randn(2, 16)
-    A, B = model.vera_state.projections.get(layer.adapters["default"].key)
-    d, b = layer.vera_lambda_d["default"], layer.vera_lambda_b["default"]
-    want = layer.base_layer(x) + x @ vc.delta_weight(A, B, d, b, 16).T
+    A, B = model.vera_state.projections.get(model.vera_state.settings["default"].key)
+    vectors = layer.vectors("default")
+    want = layer.base_layer(x) + x @ vc.delta_weight(A, B, vectors["lambda_d"], vectors["lambda_b"], 16).T
     torch.testing.assert_close(layer(x), want)
 
 
@@ -95,10 +103,9 @@ def test_conv1d_layout():
     layer = model[0]
     assert layer.fan_in_fan_out and (layer.in_features, layer.out_features) == (8, 12)
     x = torch.randn(3, 8)
-    A, B = model.vera_state.projections.get(layer.adapters["default"].key)
-    delta = vc.delta_weight(
-        A, B, layer.vera_lambda_d["default"], layer.vera_lambda_b["default"], 8, fan_in_fan_out=True
-    )
+    A, B = model.vera_state.projections.get(model.vera_state.settings["default"].key)
+    vectors = layer.vectors("default")
+    delta = vc.delta_weight(A, B, vectors["lambda_d"], vectors["lambda_b"], 8, fan_in_fan_out=True)
     torch.testing.assert_close(layer(x), layer.base_layer(x) + x @ delta)
     y_before = model(x)
     vt.merge_adapter(model)
@@ -112,7 +119,7 @@ def test_quantized_base_vera_without_weight_but_dvora_refuses():
     randomize_vectors(model)
     x = torch.randn(5, 8, requires_grad=True)
     model(x).sum().backward()
-    assert model[0].vera_lambda_b["default"].grad is not None and x.grad is not None
+    assert ("0", "default", "lambda_b") in vector_grads(model) and x.grad is not None
     with pytest.raises(TypeError, match="dense floating-point weight"):
         vt.add_vera(nn.Sequential(Int8Linear(nn.Linear(8, 6))), ["0"], r=4, dvora=True)
     with pytest.raises(TypeError, match="merging needs the base layer's dense"):
@@ -131,11 +138,12 @@ def test_multiple_adapters_activate_disable_delete():
     vt.set_adapter(model, "b")
     y_b = model(ids)
     assert not torch.allclose(y_a, y_b)
-    assert all(
-        ("vera_lambda_d.b" in n or "vera_lambda_b.b" in n) == p.requires_grad for n, p in model.named_parameters()
-    )
+    key_b = model.vera_state.settings["b"].key.name  # b has its own pair (seed 1): its banks alone train
+    assert all((key_b in n) == p.requires_grad for n, p in model.named_parameters())
     with vt.disable_adapters(model):
         torch.testing.assert_close(model(ids), bare(ids), rtol=0, atol=0)
+        assert not any(p.requires_grad for p in model.parameters())
+    assert all((key_b in n) == p.requires_grad for n, p in model.named_parameters())
     torch.testing.assert_close(model(ids), y_b, rtol=0, atol=0)
     assert len(model.vera_state.projections) == 2
     vt.delete_adapter(model, "b")
@@ -156,14 +164,17 @@ def test_different_ranks_share_the_pair_with_leading_slices():
     randomize_vectors(model)
     vt.set_adapter(model, "small")
     layer = model.layers[1].down
-    A, B = model.vera_state.projections.get(layer.adapters["small"].key)
-    assert A.shape == (8, 32) and layer.vera_lambda_d["small"].shape == (3,)
+    A, B = model.vera_state.projections.get(model.vera_state.settings["small"].key)
+    assert A.shape == (8, 32) and layer.vectors("small")["lambda_d"].shape == (3,)
     x = torch.randn(4, 32)
-    d, b = layer.vera_lambda_d["small"], layer.vera_lambda_b["small"]
+    d, b = layer.vectors("small")["lambda_d"], layer.vectors("small")["lambda_b"]
     want = layer.base_layer(x) + b * ((d * (x @ A[:3, :32].T)) @ B[:16, :3].T)
     torch.testing.assert_close(layer(x), want)
     model(_ids()).sum().backward()
-    assert layer.vera_lambda_d["small"].grad.shape == (3,)
+    bank, slot = layer.find("small")
+    grad = bank.lambda_d.grad.to_dense()
+    assert grad[slot, :3].abs().sum() > 0 and not grad[slot, 3:].any()  # the zero padding does not train
+    assert not grad[layer.find("big")[1]].any()  # the inactive adapter's row has no gradient
 
 
 def test_mixed_adapter_batch_matches_per_adapter_loop():
@@ -176,21 +187,16 @@ def test_mixed_adapter_batch_matches_per_adapter_loop():
     ids = _ids(batch=len(names))
     mixed = model(ids, adapter_names=names)
     torch.testing.assert_close(mixed, one_adapter_per_row(model, ids, names), atol=1e-5, rtol=1e-5)
-    assert model.vera_state.shared.batch_adapter_names is None  # cleared after the call
+    assert model.vera_state.shared.rows is None  # cleared after the call
 
-    # a mixed batch trains: each row's loss reaches only its own adapter's vectors
+    # a mixed batch trains: each row's loss reaches only its own adapter's rows
+    vt.set_adapter(model, ["a", "b", "c"])
     for param in model.parameters():
         param.grad = None
-    for name in ("a", "b", "c"):
-        for layer in vt.vera_layers(model).values():
-            if name in layer.vera_lambda_b:
-                layer.vera_lambda_b[name].requires_grad_(True)
     model(ids[:2], adapter_names=["a", "__base__"]).square().sum().backward()
-    layers = vt.vera_layers(model).values()
-    assert any(
-        layer.vera_lambda_b["a"].grad is not None and layer.vera_lambda_b["a"].grad.abs().sum() > 0 for layer in layers
-    )
-    assert all(layer.vera_lambda_b["b"].grad is None for layer in layers if "b" in layer.vera_lambda_b)
+    grads = vector_grads(model)
+    assert any(name == "a" and g.abs().sum() > 0 for (_, name, _), g in grads.items())
+    assert all(not g.any() for (_, name, _), g in grads.items() if name != "a")
     with pytest.raises(ValueError, match="unknown adapters"):
         model(ids, adapter_names=["zz"] * len(names))
     with pytest.raises(ValueError, match="one adapter name"):
@@ -214,7 +220,7 @@ def test_merge_unmerge_safe_merge_and_unload():
         if n in weights:
             torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=1e-6)
     with torch.no_grad():
-        model.layers[1].up.vera_lambda_b["default"][0] = float("nan")
+        model.layers[1].up.vectors("default")["lambda_b"][0] = float("nan")
     with pytest.raises(ValueError, match=r"layers\.1\.up.*NaN or infinity.*no weight was changed"):
         vt.merge_adapter(model, safe=True)
     assert all(not layer.merged_adapters for layer in vt.vera_layers(model).values())
@@ -222,7 +228,7 @@ def test_merge_unmerge_safe_merge_and_unload():
         if n in weights:
             torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=1e-6)
     with torch.no_grad():
-        model.layers[1].up.vera_lambda_b["default"][0] = 0.0
+        model.layers[1].up.vectors("default")["lambda_b"][0] = 0.0
     y = model(ids)
     bare = vt.merge_and_unload(model, safe=True)
     assert not vt.vera_layers(bare) and not hasattr(bare, "vera_state")
@@ -237,7 +243,7 @@ def test_dvora_layer_initial_identity_training_and_merge():
     ids = _ids()
     torch.testing.assert_close(model(ids), bare(ids), atol=1e-5, rtol=1e-5)
     names = sorted(n for n, p in model.named_parameters() if p.requires_grad)
-    assert any("vera_magnitude" in n for n in names)
+    assert any(n.endswith(".magnitude") for n in names)
     randomize_vectors(model)
     loss = model(ids).square().mean()
     loss.backward()
@@ -267,13 +273,15 @@ def test_training_step_reduces_loss():
 @pytest.mark.parametrize("dvora", [False, True])
 @pytest.mark.parametrize("bias", ["vera_only", "all"])
 def test_bias_modes(bias, dvora):
+    """The adapted layers' biases train as the adapter's own rows; ``"all"`` also trains the others."""
     model = vt.add_vera(_lm(), ["up"], r=2, bias=bias, dvora=dvora)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "layers.0.up.base_layer.bias" in trainable
+    assert "layers.0.up.base_layer.bias" not in trainable  # the adapter's copy trains instead
     assert ("layers.0.q_proj.bias" in trainable) == (bias == "all")
+    torch.testing.assert_close(model.layers[0].up.vectors("default")["bias"], model.layers[0].up.base_layer.bias)
     model(_ids()).square().mean().backward()
-    grad = model.layers[0].up.base_layer.bias.grad
-    assert grad is not None and torch.count_nonzero(grad) > 0
+    grad = vector_grads(model)["layers.0.up", "default", "bias"]
+    assert torch.count_nonzero(grad) > 0
 
 
 def test_activation_checkpointing_gives_the_same_gradients():
@@ -298,19 +306,35 @@ def test_mixed_batch_with_dvora_rows_matches_per_adapter_loop(detach_norm: bool)
     randomize_vectors(model)
     names = ["d", "v", "__base__", "e", "d"]
     ids = _ids(batch=len(names))
-    named = {n: p for n, p in model.named_parameters() if "vera_" in n}
-    for param in named.values():
-        param.requires_grad_(True)
+    vt.set_adapter(model, ["d", "v"])  # e is used but inactive: its rows must not train
+    for param in model.parameters():
+        param.grad = None
     mixed = model(ids, adapter_names=names)
-    grads = torch.autograd.grad(mixed.square().sum(), list(named.values()))
-    reference = one_adapter_per_row(model, ids, names)
-    for param in named.values():  # set_adapter in the loop left only the last adapter trainable
-        param.requires_grad_(True)
-    want = torch.autograd.grad(reference.square().sum(), list(named.values()))
-    torch.testing.assert_close(mixed, reference, atol=1e-5, rtol=1e-5)
-    for name, got, expected in zip(named, grads, want, strict=True):
-        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4, msg=name)
-    magnitudes = [g for n, g in zip(named, grads, strict=True) if "vera_magnitude" in n]
+    mixed.square().sum().backward()
+    got = vector_grads(model)
+    want: dict = {}
+    reference = []
+    for i, name in enumerate(names):  # each row alone, accumulating gradients row by row
+        if name == "__base__":
+            with vt.disable_adapters(model):
+                reference.append(model(ids[i : i + 1]))
+            continue
+        vt.set_adapter(model, name)
+        if name == "e":
+            reference.append(model(ids[i : i + 1]).detach())
+            continue
+        for param in model.parameters():
+            param.grad = None
+        row = model(ids[i : i + 1])
+        row.square().sum().backward()
+        reference.append(row.detach())
+        for key, grad in vector_grads(model).items():
+            want[key] = want.get(key, 0) + grad
+    torch.testing.assert_close(mixed, torch.cat(reference), atol=1e-5, rtol=1e-5)
+    for key, expected in want.items():
+        torch.testing.assert_close(got[key], expected, atol=1e-4, rtol=1e-4, msg=str(key))
+    assert all(not g.any() for (_, name, _), g in got.items() if name == "e")
+    magnitudes = [g for (_, name, kind), g in got.items() if kind == "magnitude" and name == "d"]
     assert magnitudes and all(float(g.abs().sum()) > 0 for g in magnitudes)
 
 
@@ -332,7 +356,7 @@ def test_autocast_bfloat16_on_cpu():
     assert y16.dtype == torch.bfloat16
     torch.testing.assert_close(y16.float(), y32, atol=0.1, rtol=0.05)
     y16.float().square().mean().backward()
-    grad = model.layers[0].up.vera_lambda_d["default"].grad
+    grad = vector_grads(model)["layers.0.up", "default", "lambda_d"]
     assert grad.dtype == torch.float32 and torch.isfinite(grad).all()
 
 
@@ -342,25 +366,25 @@ def test_autocast_bfloat16_dvora_on_cpu():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y = model(_ids())
     y.float().square().mean().backward()
-    assert torch.isfinite(model.layers[1].down.vera_magnitude["default"].grad).all()
+    assert torch.isfinite(vector_grads(model)["layers.1.down", "default", "magnitude"]).all()
 
 
 def test_bfloat16_model_keeps_float32_vectors():
     model = _lm().to(torch.bfloat16)
     vt.add_vera(model, "all-linear", r=4)
     layer = model.layers[0].up
-    assert layer.vera_lambda_d["default"].dtype == torch.float32
+    assert layer.vectors("default")["lambda_d"].dtype == torch.float32
     randomize_vectors(model)
     y = model(_ids())
     assert y.dtype == torch.bfloat16
     y.float().sum().backward()
-    assert layer.vera_lambda_b["default"].grad.dtype == torch.float32
+    assert vector_grads(model)["layers.0.up", "default", "lambda_b"].dtype == torch.float32
 
 
 def test_layer_is_a_drop_in_replacement():
     layer = model = vt.add_vera(nn.Sequential(nn.Linear(4, 3)), ["0"], r=2)[0]
     assert isinstance(layer, VeraLinear) and layer.weight is layer.base_layer.weight
-    assert "default: vera r=2" in repr(model)
+    assert "rows=1/1, width=2, out=3" in repr(model)
 
 
 @pytest.mark.slow
@@ -377,7 +401,7 @@ def test_torch_compile_fullgraph(dvora):
     out = compiled(ids)
     torch.testing.assert_close(out, eager)
     out.sum().backward()
-    assert model.layers[0].up.vera_lambda_d["default"].grad is not None
+    assert ("layers.0.up", "default", "lambda_d") in vector_grads(model)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
@@ -391,10 +415,10 @@ def test_cuda_bf16_matches_cpu():
     with torch.autocast("cuda", dtype=torch.bfloat16):
         y = model(ids.cuda())
     torch.testing.assert_close(y.float().cpu(), y_cpu, atol=0.1, rtol=0.05)
-    A, _ = model.vera_state.projections.get(model.layers[0].up.adapters["default"].key)
+    A, _ = model.vera_state.projections.get(model.vera_state.settings["default"].key)
     assert A.device.type == "cuda"
     fresh = vt.add_vera(_lm().cuda(), "all-linear", r=8)
-    A2, _ = fresh.vera_state.projections.get(fresh.layers[0].up.adapters["default"].key)
+    A2, _ = fresh.vera_state.projections.get(fresh.vera_state.settings["default"].key)
     assert torch.equal(A2.cpu(), A.cpu())  # generated on the GPU, bit-identical
 
 
@@ -417,7 +441,7 @@ def test_float64_model_uses_cached_cast_of_the_float32_master():
     randomize_vectors(model)
     y32 = model(_ids())
     model.double()
-    key = model.layers[0].up.adapters["default"].key
+    key = model.vera_state.settings["default"].key
     assert model.vera_state.projections.get(key)[0].dtype == torch.float32  # master unchanged
     y64 = model(_ids())
     assert y64.dtype == torch.float64

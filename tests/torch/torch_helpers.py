@@ -67,14 +67,50 @@ class TinyLM(nn.Module):
 
 
 def randomize_vectors(model: nn.Module, seed: int = 0) -> None:
-    """Give every adapter vector random values (lambda_b starts at zero, which hides bugs)."""
+    """Give every adapter's vectors random values (lambda_b starts at zero, which hides bugs).
+
+    Only the rows the adapters own, within their ranks: free rows and zero padding stay zero.
+    """
+    import vera_torch as vt
+
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vera_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator, dtype=torch.float32).to(param.dtype) * 0.5)
-            if "vera_magnitude" in name:
-                param.abs_().add_(0.5)
+        for layer in vt.vera_layers(model).values():
+            for name in layer.adapter_names():
+                for kind, vector in layer.vectors(name).items():
+                    values = torch.randn(vector.shape, generator=generator, dtype=torch.float32) * 0.5
+                    if kind == "magnitude":
+                        values = values.abs() + 0.5
+                    vector.copy_(values.to(vector.dtype))
+
+
+def vector_grads(model: nn.Module) -> dict[tuple[str, str, str], torch.Tensor]:
+    """Every adapter's gradient per (layer path, adapter, kind), dense (None rows omitted).
+
+    Reads the bank parameters' gradients (dense, or sparse past one row) at each adapter's row.
+    """
+    import vera_torch as vt
+
+    found = {}
+    for path, layer in vt.vera_layers(model).items():
+        for name in layer.adapter_names():
+            bank, slot = layer.find(name)
+            for kind, param in bank.parameters_by_kind().items():
+                if kind not in layer.vectors(name) or param.grad is None:
+                    continue
+                grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
+                row = grad[slot]
+                found[path, name, kind] = row[: layer.rank_of(name)] if kind == "lambda_d" else row
+    return found
+
+
+def vector_params(model: nn.Module) -> list[torch.Tensor]:
+    """The bank parameters of every adapted layer (what autograd differentiates with respect to)."""
+    import vera_torch as vt
+
+    return [
+        p for layer in vt.vera_layers(model).values() for b in layer.banks() for p in b.parameters_by_kind().values()
+    ]
 
 
 def one_adapter_per_row(model: nn.Module, ids: torch.Tensor, names: list[str]) -> torch.Tensor:

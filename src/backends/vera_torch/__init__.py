@@ -21,13 +21,16 @@ from vera_torch.distributed import check_projections_identical
 from vera_torch.files import load_adapter, save_adapter
 from vera_torch.functional import DvoraFunction, VeraFunction, dvora, vera
 from vera_torch.layers import BASE_ADAPTER, VeraLinear
+from vera_torch.bank import AdapterBank
 from vera_torch.model import (
     TrainableReport,
     active_adapters,
+    adapter_index,
     adapter_names,
     add_vera,
     delete_adapter,
     disable_adapters,
+    list_adapters,
     merge_adapter,
     merge_and_unload,
     set_adapter,
@@ -40,6 +43,7 @@ from vera_torch.projections import ProjectionKey, ProjectionStore, peft_projecti
 
 __all__ = [
     "BASE_ADAPTER",
+    "AdapterBank",
     "DvoraFunction",
     "ProjectionKey",
     "ProjectionStore",
@@ -47,12 +51,14 @@ __all__ = [
     "VeraFunction",
     "VeraLinear",
     "active_adapters",
+    "adapter_index",
     "adapter_names",
     "add_vera",
     "check_projections_identical",
     "delete_adapter",
     "disable_adapters",
     "dvora",
+    "list_adapters",
     "load_adapter",
     "load_peft_adapter",
     "merge_adapter",

@@ -26,11 +26,12 @@ from vera_core.adapter_file import (
 from vera_torch.layers import layer_dims
 from vera_torch.model import (
     AdapterSettings,
-    _candidates,
     _check_adapter,
+    attach,
+    candidates,
     check_new_name,
     get_state,
-    inject,
+    prepare,
     vera_layers,
 )
 from vera_torch.projections import ProjectionKey, checksum, generate
@@ -43,11 +44,13 @@ def adapter_config(model: nn.Module, adapter_name: str = "default") -> AdapterCo
     state = get_state(model)
     settings = _check_adapter(state, adapter_name)
     layers = {}
-    for path, layer in vera_layers(model).items():
-        if adapter_name in layer.adapters:
+    all_layers = vera_layers(model)
+    for path in settings.layers:
+        layer = all_layers.get(path)
+        if layer is not None and layer.has_adapter(adapter_name):
             layers[path] = LayerSpec(
                 out_features=layer.out_features,
-                rank=layer.adapters[adapter_name].rank,
+                rank=layer.rank_of(adapter_name),
                 in_features=layer.in_features,
                 fan_in_fan_out=layer.fan_in_fan_out,
             )
@@ -86,14 +89,8 @@ def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) 
     tensors: dict[str, torch.Tensor] = {}
     layers = vera_layers(model)
     for path in config.layers:
-        layer = layers[path]
-        tensors[f"{path}.lambda_d"] = layer.vera_lambda_d[adapter_name].detach().cpu()
-        tensors[f"{path}.lambda_b"] = layer.vera_lambda_b[adapter_name].detach().cpu()
-        if config.method == "dvora":
-            tensors[f"{path}.magnitude"] = layer.vera_magnitude[adapter_name].detach().cpu()
-        if config.bias != "none":
-            bias = layer.bias
-            tensors[f"{path}.bias"] = bias.detach().cpu() if bias is not None else torch.zeros(layer.out_features)
+        for kind, vector in layers[path].vectors(adapter_name).items():
+            tensors[f"{path}.{kind}"] = vector.detach().cpu().clone()
     for path in config.bias_modules:
         bias = model.get_submodule(path).get_parameter("bias")
         tensors[f"{path}.bias"] = bias.detach().cpu()
@@ -140,11 +137,11 @@ def save_adapter(
 
 def _match_layers(model: nn.Module, config: AdapterConfig, source: str) -> dict[str, nn.Module]:
     """The model's modules for every layer of ``config``, checked for shape and layout."""
-    candidates = _candidates(model)
+    found = candidates(model)
     targets: dict[str, nn.Module] = {}
     problems = []
     for path, spec in config.layers.items():
-        module = candidates.get(path)
+        module = found.get(path)
         dims = None if module is None else layer_dims(module)
         if module is None or dims is None:
             problems.append(f"{path}: not a linear-like layer of the model")
@@ -243,7 +240,7 @@ def _load_into(
     per_layer = {
         path: {
             kind: tensors[f"{path}.{kind}"]
-            for kind in ("lambda_d", "lambda_b", "magnitude")
+            for kind in ("lambda_d", "lambda_b", "magnitude", "bias")
             if f"{path}.{kind}" in tensors
         }
         for path in config.layers
@@ -257,10 +254,12 @@ def _load_into(
         d_initial=config.d_initial,
         dropout=config.dropout,
         bias=config.bias,
-        target_modules=config.target_modules,
+        target_modules=(
+            tuple(config.target_modules) if isinstance(config.target_modules, list) else config.target_modules
+        ),
         detach_norm=bool(config.extra.get("detach_norm", False)),
     )
-    inject(
+    prepared = prepare(
         model,
         targets,
         settings,
@@ -268,11 +267,9 @@ def _load_into(
         tensors=per_layer,
         projections=pair,
     )
-    if config.bias != "none":
+    attach(model, prepared)
+    if config.bias == "all":
         with torch.no_grad():
-            for path, layer in vera_layers(model).items():
-                if path in config.layers and layer.bias is not None:
-                    layer.bias.copy_(tensors[f"{path}.bias"])
             for path, bias in other_biases.items():
                 bias.copy_(tensors[f"{path}.bias"])
 

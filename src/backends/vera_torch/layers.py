@@ -1,35 +1,52 @@
-"""``VeraLinear``: a linear-like layer with any number of VeRA / DVoRA adapters.
+"""``VeraLinear``: a linear-like layer serving any number of VeRA / DVoRA adapters from banks.
 
 The wrapper keeps the frozen layer as ``base_layer`` (``nn.Linear``, transformers'
-``Conv1D`` or any module whose forward is ``x W^T + b``, quantized ones included) and
-holds, per adapter, the trainable vectors ``vera_lambda_d[name]`` (r,),
-``vera_lambda_b[name]`` (out,) and, for DVoRA, ``vera_magnitude[name]`` (out,). The
-shared projections live once in the model's :class:`~vera_torch.projections.ProjectionStore`.
+``Conv1D`` or any module whose forward is ``x W^T + b``, quantized ones included) and one
+:class:`~vera_torch.bank.AdapterBank` per shared projection pair, holding every adapter's
+vectors as one row. The shared projections live once in the model's
+:class:`~vera_torch.projections.ProjectionStore`.
+
+A forward serves either the active adapters (one plan, rebuilt only when adapters, the
+active set or a merge change: no per-step validation) or, in a mixed-adapter batch, each
+row's own adapter (one gather of rows per bank, whatever the number of adapters). The
+arithmetic is the core's (:mod:`vera_core`), run on torch tensors: autograd derives the
+factored path's gradients from it, and the merged-weight path uses the core's analytic
+backward (:mod:`vera_torch.functional`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import re
 import typing
-from collections.abc import Sequence
 from typing import Any
 
 import torch
+from array_api_compat import torch as xp
 from torch import nn
 from torch.nn import functional
 
 import vera_core as vc
-from vera_torch.functional import dvora, dvora_dense, vera, vera_dense
+from vera_core import _lowrank as lr
+from vera_core._fused import scale_add as _scale_add
+from vera_core.dvora import _gram_norm, _scaled
+from vera_core.slots import SlotTable
+from vera_torch.bank import DVORA, VERA, AdapterBank
+from vera_torch.functional import dvora_dense, vera_dense
 from vera_torch.projections import ProjectionKey, ProjectionStore
 
-__all__ = ["BASE_ADAPTER", "LayerAdapter", "SharedState", "VeraLinear", "is_conv1d", "layer_dims"]
+__all__ = [
+    "BASE_ADAPTER",
+    "AdapterSpec",
+    "BatchRows",
+    "SharedState",
+    "VeraLinear",
+    "is_conv1d",
+    "layer_dims",
+]
 
 BASE_ADAPTER = "__base__"
 """In ``adapter_names`` for mixed batches: rows that use no adapter (PEFT's convention)."""
-
-_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -60,25 +77,121 @@ def layer_dims(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
+def _plain(base: nn.Module) -> bool:
+    """A base whose forward is exactly ``F.linear(x, W, b)`` (or ``x W + b`` for Conv1D) on its own tensors."""
+    return type(base) is nn.Linear or (
+        type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers")
+    )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AdapterSpec:
+    """How an adapter works, shared by every layer it adapts (the per-layer rank lives in the banks)."""
+
+    method: str
+    key: ProjectionKey
+    dropout: float = 0.0
+    detach_norm: bool = False
+
+
+@dataclasses.dataclass
+class BatchRows:
+    """One forward's per-row adapters: slot per row (``-1``: none), made once per model forward."""
+
+    index: torch.Tensor
+    """(batch,) int64 slots, ``-1`` for rows without an adapter."""
+    safe: torch.Tensor
+    """``index`` with ``-1`` replaced by 0 (a valid row to gather; its contribution is masked)."""
+    valid: torch.Tensor
+    """(batch, 1) float32: 1 for rows with an adapter, 0 otherwise."""
+    dropout: torch.Tensor | None = None
+    """(batch,) keep probabilities' complement, per row, when some row's adapter has dropout."""
+    trainable: torch.Tensor | None = None
+    """(batch, 1) bool: rows whose adapter is active (trains); None when every row's adapter is."""
+    expandable: bool = False
+    """Whether a batch ``k`` times larger repeats each row's adapter (generation), or is an error."""
+    _expanded: dict[int, BatchRows] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(
+        cls, index: torch.Tensor, dropout: torch.Tensor | None = None, trainable: torch.Tensor | None = None
+    ) -> BatchRows:
+        """The per-row choice from a slot tensor (``-1`` for base rows)."""
+        valid = index >= 0
+        return cls(index, index.clamp_min(0), valid.to(torch.float32)[:, None], dropout, trainable)
+
+    def for_batch(self, batch: int) -> BatchRows:
+        """The rows for a batch ``k`` times larger, each row repeated ``k`` times in place.
+
+        Generation expands the batch this way (``repeat_interleave``) for beams and several
+        returned sequences, so every expanded row keeps its adapter.
+        """
+        rows = int(self.index.shape[0])
+        if batch == rows:
+            return self
+        if rows == 0 or batch % rows or not self.expandable:
+            raise ValueError(
+                f"adapter_names has {rows} entries but the batch has {batch} rows; give one adapter name "
+                "(or '__base__') per row"
+            )
+        factor = batch // rows
+        if factor not in self._expanded:
+            repeat = lambda t: None if t is None else t.repeat_interleave(factor, dim=0)  # noqa: E731
+            self._expanded[factor] = BatchRows(
+                repeat(self.index),
+                repeat(self.safe),
+                repeat(self.valid),
+                repeat(self.dropout),
+                repeat(self.trainable),
+                expandable=False,
+            )
+        return self._expanded[factor]
+
+
 @dataclasses.dataclass
 class SharedState:
     """Model-wide adapter state every :class:`VeraLinear` of one model points at."""
 
     projections: ProjectionStore
+    slots: SlotTable = dataclasses.field(default_factory=SlotTable)
+    specs: dict[str, AdapterSpec] = dataclasses.field(default_factory=dict)
     active: list[str] = dataclasses.field(default_factory=list)
     disabled: bool = False
-    batch_adapter_names: Sequence[str] | None = None
+    rows: BatchRows | None = None
+    """The current forward's per-row adapters (mixed batch), or None."""
+    version: int = 0
+    """Bumped on every change a layer's plan depends on (adapters, active set, merges)."""
+
+    def changed(self) -> None:
+        """Invalidate every layer's cached plan."""
+        self.version += 1
 
 
 @dataclasses.dataclass(frozen=True)
-class LayerAdapter:
-    """One adapter on one layer: method, rank, the shared pair it slices, dropout."""
+class _Step:
+    """One active adapter on this layer: everything a forward needs, looked up once."""
 
-    method: str
+    name: str
+    bank: AdapterBank
+    slot: int
+    index: torch.Tensor
     rank: int
-    key: ProjectionKey
-    dropout: float = 0.0
-    detach_norm: bool = False
+    method: int
+    dropout: float
+    detach_norm: bool
+    own_bias: bool
+    rows: dict[str, nn.Parameter]
+    """The bank's parameters by kind (looked up once: module attribute access costs per step)."""
+    whole_row: bool
+    """The bank has one row and ``lambda_d`` is exactly this adapter's rank: use the parameters as they are."""
+    plain: bool
+    """The base is a plain ``nn.Linear`` / ``Conv1D``: its forward can be replaced by the merged weight."""
+    projections: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
+        default_factory=dict
+    )
+    dense: dict[tuple[Any, ...], bool] = dataclasses.field(default_factory=dict)
+    """Whether the merged-weight path pays, per input shape, dtype and mode."""
+    """``(A_s^T, B_s^T)`` per compute dtype and device: A_s^T in the compute dtype, B_s^T in the vectors'."""
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -89,7 +202,7 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
-    """Autocast off for the adapter's Function (which applies the core's dtype policy itself)."""
+    """Autocast off (the core applies its own dtype policy: the norms stay in float32)."""
     device_type = x.device.type
     if torch.is_autocast_enabled(device_type):
         return torch.autocast(device_type, enabled=False)
@@ -97,7 +210,7 @@ def _no_autocast(x: torch.Tensor) -> contextlib.AbstractContextManager:
 
 
 class VeraLinear(nn.Module):
-    """A frozen linear-like layer plus VeRA / DVoRA adapters (use :func:`vera_torch.add_vera`).
+    """A frozen linear-like layer plus adapter banks (use :func:`vera_torch.add_vera`).
 
     Parameters
     ----------
@@ -105,7 +218,7 @@ class VeraLinear(nn.Module):
         ``nn.Linear``, transformers ``Conv1D`` or a module computing ``x W^T + b`` with
         integer ``in_features`` / ``out_features`` attributes.
     state : SharedState
-        The model's shared state (projections, active adapters).
+        The model's shared state (slots, projections, active adapters).
 
     Examples
     --------
@@ -113,8 +226,10 @@ class VeraLinear(nn.Module):
     >>> from vera_torch.projections import ProjectionStore, ProjectionKey
     >>> store = ProjectionStore()
     >>> key = store.add(ProjectionKey(vc.PRNG_ID, 0, 4, 8, 6))
-    >>> layer = VeraLinear(nn.Linear(8, 6), SharedState(store, active=["a"]))
-    >>> layer.add_adapter("a", LayerAdapter("vera", 4, key), d_initial=0.1)
+    >>> state = SharedState(store)
+    >>> layer = VeraLinear(nn.Linear(8, 6), state)
+    >>> slot = state.slots.add("a"); state.specs["a"] = AdapterSpec("vera", key); state.active.append("a")
+    >>> layer.add_adapter(slot, "vera", key, 4, d_initial=0.1)
     >>> x = torch.randn(2, 8)
     >>> torch.equal(layer(x), layer.base_layer(x))  # lambda_b starts at zero
     True
@@ -132,16 +247,21 @@ class VeraLinear(nn.Module):
             )
         self.base_layer = base_layer
         self.in_features, self.out_features, self.fan_in_fan_out = dims
-        self.vera_lambda_d = nn.ParameterDict()
-        self.vera_lambda_b = nn.ParameterDict()
-        self.vera_magnitude = nn.ParameterDict()
-        self.adapters: dict[str, LayerAdapter] = {}
+        self.vera_banks = nn.ModuleDict()
         self.merged_adapters: list[str] = []
         self._merge_norms: dict[str, torch.Tensor] = {}
-        self._frozen_cache: dict[str, tuple[Any, vc.DvoraFrozen]] = {}
+        self._frozen_cache: dict[tuple[str, int], tuple[Any, vc.DvoraFrozen]] = {}
+        self._plan: tuple[int, tuple[_Step, ...]] = (-1, ())
         object.__setattr__(self, "_state", state)  # shared, not a submodule
 
-    # ------------------------------------------------------------------ adapters
+    def _apply(self, fn: Any, recurse: bool = True) -> VeraLinear:
+        """Module moves and casts (``.to``, ``.cuda``, ``.half``) also drop the caches built for the old tensors."""
+        moved = super()._apply(fn, recurse)
+        self._frozen_cache.clear()
+        self._plan = (-1, ())
+        return moved
+
+    # ------------------------------------------------------------------ base layer
     @property
     def weight(self) -> torch.Tensor:
         """The base layer's weight (what transformers code that inspects ``.weight`` expects)."""
@@ -152,7 +272,8 @@ class VeraLinear(nn.Module):
         """The base layer's bias, or None."""
         return getattr(self.base_layer, "bias", None)
 
-    def _dense_weight(self, purpose: str) -> torch.Tensor:
+    def dense_weight(self, purpose: str) -> torch.Tensor:
+        """The base layer's dense floating-point weight; TypeError naming ``purpose`` when it has none."""
         weight = getattr(self.base_layer, "weight", None)
         if not isinstance(weight, torch.Tensor) or not weight.is_floating_point() or weight.dim() != 2:
             raise TypeError(
@@ -169,316 +290,524 @@ class VeraLinear(nn.Module):
             return weight.dtype
         return torch.float32
 
-    def _device(self) -> torch.device:
+    def device(self) -> torch.device:
+        """Where the base layer's tensors live."""
         for tensor in (*self.base_layer.parameters(), *self.base_layer.buffers()):
             return tensor.device
         return torch.device("cpu")
 
-    def add_adapter(
+    def _dense_pays(self, step: _Step, x: torch.Tensor) -> bool:
+        """:meth:`_merged_weight_pays`, remembered per input shape, dtype and mode on the plan."""
+        key = (x.shape, x.dtype, torch.is_grad_enabled(), self.training, torch.is_autocast_enabled(x.device.type))
+        found = step.dense.get(key)
+        if found is None:
+            found = self._merged_weight_pays(step, x, getattr(self.base_layer, "weight", None))
+            if not torch.compiler.is_compiling():
+                step.dense[key] = found
+        return found
+
+    def _base(self, x: torch.Tensor, bias: bool | torch.Tensor = True) -> torch.Tensor:
+        """``x W0^T`` plus the base bias (``True``), no bias (``False``) or the given bias tensor."""
+        base = self.base_layer
+        if _plain(base):
+            weight, base_bias = base._parameters["weight"], base._parameters["bias"]
+            use = base_bias if bias is True else (None if bias is False else bias)
+            if weight.dtype != x.dtype:
+                weight = weight.to(x.dtype)
+            if use is not None and use.dtype != x.dtype:
+                use = use.to(x.dtype)
+            if self.fan_in_fan_out:
+                product = x @ weight
+                return product if use is None else product + use
+            return functional.linear(x, weight, use)
+        y = base(x)
+        if bias is True or self.bias is None and bias is False:
+            return y
+        y = y - self.bias.to(y.dtype) if self.bias is not None else y
+        return y if bias is False else y + typing.cast(torch.Tensor, bias).to(y.dtype)
+
+    # ------------------------------------------------------------------ adapters
+    def bank(self, key: ProjectionKey, capacity: int) -> AdapterBank:
+        """The bank of ``key`` (made, with ``capacity`` rows, on first use)."""
+        if key.name not in self.vera_banks:
+            self.vera_banks[key.name] = AdapterBank(
+                key, self.out_features, capacity=capacity, width=1, device=self.device(), dtype=self.vector_dtype()
+            )
+        return typing.cast(AdapterBank, self.vera_banks[key.name])
+
+    def banks(self) -> list[AdapterBank]:
+        """Every bank of this layer."""
+        return [typing.cast(AdapterBank, bank) for bank in self.vera_banks.values()]
+
+    def find(self, name: str) -> tuple[AdapterBank, int] | None:
+        """The bank and row of adapter ``name`` on this layer, or None when it does not adapt the layer."""
+        state = self._state
+        spec = state.specs.get(name)
+        if spec is None or spec.key.name not in self.vera_banks:
+            return None
+        bank = typing.cast(AdapterBank, self.vera_banks[spec.key.name])
+        slot = state.slots.slot(name)
+        return (bank, slot) if bank.holds(slot) else None
+
+    def has_adapter(self, name: str) -> bool:
+        """Whether adapter ``name`` adapts this layer."""
+        return self.find(name) is not None
+
+    def adapter_names(self) -> list[str]:
+        """The adapters on this layer, in slot order."""
+        slots = self._state.slots
+        return [typing.cast(str, slots.name_at(s)) for bank in self.banks() for s in bank.slots()]
+
+    def rank_of(self, name: str) -> int:
+        """This layer's rank for adapter ``name``."""
+        bank, slot = self._located(name)
+        return bank.ranks[slot]
+
+    def method_of(self, name: str) -> str:
+        """``"vera"`` or ``"dvora"``."""
+        bank, slot = self._located(name)
+        return "dvora" if bank.methods[slot] == DVORA else "vera"
+
+    def vectors(self, name: str) -> dict[str, torch.Tensor]:
+        """Adapter ``name``'s vectors on this layer by kind (views of the bank rows)."""
+        bank, slot = self._located(name)
+        kinds = ["lambda_d", "lambda_b"]
+        if bank.methods[slot] == DVORA:
+            kinds.append("magnitude")
+        if bank.own_bias[slot]:
+            kinds.append("bias")
+        return {kind: bank.row(slot, kind) for kind in kinds}
+
+    def _located(self, name: str) -> tuple[AdapterBank, int]:
+        found = self.find(name)
+        if found is None:
+            raise KeyError(f"adapter {name!r} does not adapt this layer; it has {self.adapter_names()}")
+        return found
+
+    def new_row(
         self,
-        name: str,
-        spec: LayerAdapter,
+        method: str,
+        rank: int,
         *,
         d_initial: float = 0.1,
         tensors: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Attach adapter ``name`` (vectors initialised, or copied from ``tensors``)."""
-        if not _NAME.match(name) or name == BASE_ADAPTER:
-            raise ValueError(f"adapter name must be a Python identifier other than {BASE_ADAPTER!r}, got {name!r}")
-        if name in self.adapters:
-            raise ValueError(f"this layer already has an adapter named {name!r}")
-        if not spec.key.covers(spec.rank, self.in_features, self.out_features):
-            raise ValueError(
-                f"a layer of {self.in_features} inputs, {self.out_features} outputs and rank {spec.rank} does not fit "
-                f"the shared projections (r={spec.key.r}, max_in={spec.key.max_in}, max_out={spec.key.max_out})"
-            )
-        if spec.method not in ("vera", "dvora"):
-            raise ValueError(f"method must be 'vera' or 'dvora', got {spec.method!r}")
-        device, dtype = self._device(), self.vector_dtype()
-        if spec.method == "dvora":
-            weight = self._dense_weight("DVoRA")
+        own_bias: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Checked vectors for a new adapter on this layer (from ``tensors`` or initialised), not yet written."""
+        device, dtype = self.device(), self.vector_dtype()
         tensors = tensors or {}
-        lambda_d = tensors.get("lambda_d", torch.full((spec.rank,), float(d_initial)))
-        lambda_b = tensors.get("lambda_b", torch.zeros(self.out_features))
-        self.vera_lambda_d[name] = nn.Parameter(lambda_d.detach().to(device=device, dtype=dtype).clone())
-        self.vera_lambda_b[name] = nn.Parameter(lambda_b.detach().to(device=device, dtype=dtype).clone())
-        if spec.method == "dvora":
+        expected = {"lambda_d": rank, "lambda_b": self.out_features, "magnitude": self.out_features}
+        for kind, value in tensors.items():
+            if kind == "bias":
+                continue
+            if kind not in expected or tuple(value.shape) != (expected[kind],):
+                raise ValueError(f"{kind} must have shape ({expected.get(kind)},), got {tuple(value.shape)}")
+        row = {
+            "lambda_d": tensors.get("lambda_d", torch.full((rank,), float(d_initial))),
+            "lambda_b": tensors.get("lambda_b", torch.zeros(self.out_features)),
+        }
+        if method == "dvora":
             magnitude = tensors.get("magnitude")
             if magnitude is None:
-                magnitude = vc.initial_magnitude(weight, fan_in_fan_out=self.fan_in_fan_out, dtype=dtype)
-            self.vera_magnitude[name] = nn.Parameter(magnitude.detach().to(device=device, dtype=dtype).clone())
-        self.adapters[name] = spec
+                weight = self.dense_weight("DVoRA")
+                magnitude = vc.initial_magnitude(weight.detach(), fan_in_fan_out=self.fan_in_fan_out, dtype=dtype)
+            row["magnitude"] = magnitude
+        if own_bias:
+            bias = tensors.get("bias", self.bias)
+            row["bias"] = torch.zeros(self.out_features) if bias is None else bias
+            if tuple(row["bias"].shape) != (self.out_features,):
+                raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(row['bias'].shape)}")
+        return {kind: value.detach().to(device=device, dtype=dtype) for kind, value in row.items()}
+
+    def add_adapter(
+        self,
+        slot: int,
+        method: str,
+        key: ProjectionKey,
+        rank: int,
+        *,
+        d_initial: float = 0.1,
+        tensors: dict[str, torch.Tensor] | None = None,
+        own_bias: bool = False,
+        row: dict[str, torch.Tensor] | None = None,
+    ) -> None:
+        """Write an adapter's vectors into row ``slot`` of ``key``'s bank (the model checked the rest)."""
+        if not key.covers(rank, self.in_features, self.out_features):
+            raise ValueError(
+                f"a layer of {self.in_features} inputs, {self.out_features} outputs and rank {rank} does not fit "
+                f"the shared projections (r={key.r}, max_in={key.max_in}, max_out={key.max_out})"
+            )
+        if row is None:
+            row = self.new_row(method, rank, d_initial=d_initial, tensors=tensors, own_bias=own_bias)
+        bank = self.bank(key, self._state.slots.capacity)
+        spec = self._state.specs.get(self._state.slots.name_at(slot) or "")
+        detach = spec is not None and spec.detach_norm
+        bank.write(slot, DVORA if method == "dvora" else VERA, rank, **row, detach_norm=detach)
 
     def delete_adapter(self, name: str) -> None:
-        """Remove adapter ``name`` (it must not be merged)."""
+        """Zero adapter ``name``'s rows (it must not be merged)."""
         if name in self.merged_adapters:
             raise RuntimeError(f"adapter {name!r} is merged into the weight; unmerge it before deleting it")
-        self.adapters.pop(name)
-        for store in (self.vera_lambda_d, self.vera_lambda_b, self.vera_magnitude):
-            if name in store:
-                del store[name]
-        self._frozen_cache.pop(name, None)
+        bank, slot = self._located(name)
+        bank.clear(slot)
+        if not bank.slots():
+            del self.vera_banks[bank.key.name]
+            self._frozen_cache = {k: v for k, v in self._frozen_cache.items() if k[0] != bank.key.name}
 
     # ------------------------------------------------------------------ pieces
-    def _vectors(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.vera_lambda_d[name], self.vera_lambda_b[name]
+    def _projections(
+        self, key: ProjectionKey, rank: int, dtype: torch.dtype, vector_dtype: torch.dtype, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``A_s`` as ``dtype`` (it multiplies the activations), ``B_s`` as the vectors (only folded with them)."""
+        store = self._state.projections
+        A = store.get(key, dtype, device)[0]
+        B = store.get(key, vector_dtype, device)[1]
+        shape = lr.AdapterShape(rank, self.out_features, self.in_features)
+        return lr.layer_slices(A, B, shape)
 
-    def _projections(self, name: str, dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``A`` as ``dtype`` (it multiplies the activations) and ``B`` as the vectors (it is only folded with them)."""
-        store, key, vectors = self._state.projections, self.adapters[name].key, self.vera_lambda_b[name]
-        A, B = store.get(key, dtype, vectors.device)
-        if B.dtype != vectors.dtype:
-            B = store.get(key, vectors.dtype, vectors.device)[1]
-        return A, B
+    def _step_projections(self, step: _Step, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A_s^T, B_s^T)`` for ``step`` and the activations ``x``, cached on the plan."""
+        cache_key = (x.dtype, x.device)
+        found = step.projections.get(cache_key)
+        if found is None:
+            A_s, B_s = self._projections(step.bank.key, step.rank, x.dtype, step.bank.lambda_b.dtype, x.device)
+            found = (A_s.T, B_s.T)
+            if not torch.compiler.is_compiling():
+                step.projections[cache_key] = found
+        return found
 
-    def _frozen(self, name: str, weight: torch.Tensor) -> vc.DvoraFrozen:
-        spec = self.adapters[name]
+    def _frozen(self, key: ProjectionKey, rank: int) -> vc.DvoraFrozen:
+        weight = self.dense_weight("DVoRA")
         stamp = (weight._version, weight.device, weight.dtype, weight.data_ptr())
-        cached = self._frozen_cache.get(name)
+        cached = self._frozen_cache.get((key.name, rank))
         if cached is not None and (torch.compiler.is_compiling() or cached[0] == stamp):
             return cached[1]
-        A, _ = self._projections(name)
-        frozen = vc.dvora_precompute(weight.detach(), A, spec.rank, fan_in_fan_out=self.fan_in_fan_out)
+        A = self._state.projections.get(key, None, weight.device)[0]
+        frozen = vc.dvora_precompute(weight.detach(), A, rank, fan_in_fan_out=self.fan_in_fan_out)
         if not torch.compiler.is_compiling():
-            self._frozen_cache[name] = (stamp, frozen)
+            self._frozen_cache[(key.name, rank)] = (stamp, frozen)
         return frozen
 
-    def _dropout_mask(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        p = self.adapters[name].dropout
-        if p == 0.0 or not self.training:
-            return None
-        return torch.empty_like(x).bernoulli_(1.0 - p) / (1.0 - p)
+    def _plan_steps(self) -> tuple[_Step, ...]:
+        """The active, unmerged adapters of this layer, looked up once per change of the model's adapters."""
+        state = self._state
+        version, steps = self._plan
+        if version == state.version:
+            return steps
+        found = []
+        for name in state.active:
+            located = self.find(name)
+            if located is None or name in self.merged_adapters:
+                continue
+            bank, slot = located
+            spec = state.specs[name]
+            rank = bank.ranks[slot]
+            found.append(
+                _Step(
+                    name,
+                    bank,
+                    slot,
+                    torch.tensor([slot], device=bank.lambda_b.device),
+                    rank,
+                    bank.methods[slot],
+                    spec.dropout,
+                    spec.detach_norm,
+                    bank.own_bias[slot],
+                    bank.parameters_by_kind(),
+                    bank.capacity == 1 and bank.width == rank,
+                    _plain(self.base_layer),
+                )
+            )
+        dvora_steps = [s.name for s in found if s.method == DVORA]
+        if len(dvora_steps) > 1:
+            raise RuntimeError(f"at most one DVoRA adapter can be active on a layer, got {dvora_steps}")
+        if dvora_steps and self.merged_adapters:
+            raise RuntimeError("a DVoRA adapter cannot run on top of merged adapters; unmerge them first")
+        if sum(s.own_bias for s in found) > 1:
+            raise RuntimeError("at most one active adapter per layer can train its own bias")
+        steps = tuple(sorted(found, key=lambda s: s.method != DVORA))  # the DVoRA adapter first
+        if not torch.compiler.is_compiling():
+            self._plan = (state.version, steps)
+        return steps
 
-    def _base_without_bias(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self._dense_weight("DVoRA")
-        w = weight.to(x.dtype)
-        return x @ w if self.fan_in_fan_out else functional.linear(x, w)
+    def _rows_of(self, step: _Step, kind: str) -> torch.Tensor:
+        """The (1, columns) row of one kind: the parameter itself for a one-row bank, else a sparse gather."""
+        param = step.rows[kind]
+        if step.whole_row:
+            return param
+        row = param if param.shape[0] == 1 else functional.embedding(step.index, param, sparse=True)
+        return row[:, : step.rank] if kind == "lambda_d" and step.rank < row.shape[1] else row
+
+    def _dropped(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
+        if step.dropout == 0.0 or not self.training:
+            return x
+        return functional.dropout(x, step.dropout, training=True)
 
     # ------------------------------------------------------------------ forward
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base output plus every active, unmerged adapter (or per-row adapters in a mixed batch)."""
         state = self._state
-        if state.disabled:
+        if state.disabled or args or kwargs:
+            if not state.disabled and (state.rows is not None or self._plan_steps()):
+                raise TypeError("a VeraLinear with adapters takes only the input tensor")
             return self.base_layer(x, *args, **kwargs)
-        if state.batch_adapter_names is not None:
-            return self._mixed_forward(x, state.batch_adapter_names, *args, **kwargs)
-        pending = [n for n in state.active if n in self.adapters and n not in self.merged_adapters]
-        if not pending:
-            return self.base_layer(x, *args, **kwargs)
+        if state.rows is not None:
+            return self._mixed_forward(x, state.rows)
+        steps = self._plan[1] if self._plan[0] == state.version else self._plan_steps()
+        if not steps:
+            return self.base_layer(x)
         dtype = _compute_dtype(x)
-        dvora_names = [n for n in pending if self.adapters[n].method == "dvora"]
-        if len(dvora_names) > 1:
-            raise RuntimeError(f"at most one DVoRA adapter can be active on a layer, got {dvora_names}")
-        if dvora_names and self.merged_adapters:
-            raise RuntimeError("a DVoRA adapter cannot run on top of merged adapters; unmerge them first")
-        vera_names = [n for n in pending if self.adapters[n].method == "vera"]
-        xc = x.to(dtype)
-        if not dvora_names and not args and not kwargs and len(vera_names) == 1:
-            dense = self._dense_forward(vera_names[0], xc)
-            if dense is not None:
-                return dense
-        if dvora_names:
-            result = self._dvora_forward(dvora_names[0], x, dtype)
+        xc = x if x.dtype == dtype else x.to(dtype)
+        first = steps[0]
+        if first.method == DVORA:
+            result = self._dvora_forward(first, xc)
+            rest = steps[1:]
+        elif len(steps) == 1 and (dense := self._dense_forward(first, xc)) is not None:
+            return dense
         else:
-            result = self.base_layer(x, *args, **kwargs)
-        if not vera_names:
-            return result
-        result = result.to(dtype)
-        with _no_autocast(x):
-            for name in vera_names:
-                A, B = self._projections(name, dtype)
-                lambda_d, lambda_b = self._vectors(name)
-                result = vera(result, xc, A, B, lambda_d, lambda_b, self._dropout_mask(name, xc))
+            own = next((s for s in steps if s.own_bias), None)
+            result = self._base(xc, True if own is None else self._rows_of(own, "bias")[0])
+            rest = steps
+        for step in rest:
+            A_t, B_t = self._step_projections(step, xc)
+            C_t = lr.fold_row_t(xp, B_t, self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b"))
+            result = lr.add_product_t(xp, result, lr.project_t(xp, self._dropped(step, xc), A_t), C_t)
         return result
 
-    def _merged_weight_pays(self, name: str, x: torch.Tensor, weight: Any) -> bool:
+    def _merged_weight_pays(self, step: _Step, x: torch.Tensor, weight: Any) -> bool:
         """Whether the merged-weight formulation applies to ``weight`` and needs fewer multiply-adds.
 
         It applies with a frozen floating weight of the activations' dtype (or any floating
         weight under autocast, which casts it anyway) and no dropout in effect. With 16-bit
         activations ``W0 + dW`` is rounded to 16 bits once, as the factored output is.
         """
-        dropout = self.training and self.adapters[name].dropout > 0.0
+        dropout = self.training and step.dropout > 0.0
         if dropout or not isinstance(weight, torch.Tensor) or weight.requires_grad or not weight.is_floating_point():
             return False
         if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
             return False
         tokens = x.numel() // max(x.shape[-1], 1)
-        rank = self.adapters[name].rank
-        return vc.dense_is_cheaper(tokens, self.in_features, self.out_features, rank, backward=torch.is_grad_enabled())
+        return vc.dense_is_cheaper(
+            tokens, self.in_features, self.out_features, step.rank, backward=torch.is_grad_enabled()
+        )
 
-    def _dense_forward(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+    def _dense_forward(self, step: _Step, x: torch.Tensor) -> torch.Tensor | None:
         """The merged-weight VeRA path, or None where it does not apply or costs more.
 
         Besides :meth:`_merged_weight_pays`, it replaces the base layer's own forward, so it
         needs a plain ``nn.Linear`` or transformers ``Conv1D`` base with a frozen bias.
         """
+        if not step.plain or step.own_bias or not self._dense_pays(step, x):
+            return None
         base = self.base_layer
-        plain = type(base) is nn.Linear or (
-            type(base).__name__ == "Conv1D" and type(base).__module__.startswith("transformers")
-        )
-        if not plain:
+        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        if bias is not None and bias.requires_grad:
             return None
-        weight, bias = typing.cast(torch.Tensor, base.weight), typing.cast(torch.Tensor | None, base.bias)
-        if (bias is not None and bias.requires_grad) or not self._merged_weight_pays(name, x, weight):
-            return None
-        A, B = self._projections(name, x.dtype)
-        lambda_d, lambda_b = self._vectors(name)
+        A_t, B_t = self._step_projections(step, x)
+        d, b = self._rows_of(step, "lambda_d")[0], self._rows_of(step, "lambda_b")[0]
         with _no_autocast(x):
-            return vera_dense(x, weight, bias, A, B, lambda_d, lambda_b, fan_in_fan_out=self.fan_in_fan_out)
+            return vera_dense(x, weight, bias, A_t.T, B_t.T, d, b, fan_in_fan_out=self.fan_in_fan_out)
 
-    def _dvora_forward(self, name: str, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        weight = self._dense_weight("DVoRA")
-        frozen = self._frozen(name, weight)
-        xc = x.to(dtype)
+    def _dvora_forward(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
+        """DVoRA through the merged weight where it pays, else factored (autograd through the core's pieces)."""
+        weight = self.dense_weight("DVoRA")
+        frozen = self._frozen(step.bank.key, step.rank)
+        A_t, B_t = self._step_projections(step, x)
+        d_row, b_row = self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b")
+        magnitude = self._rows_of(step, "magnitude")
+        bias = self._rows_of(step, "bias")[0] if step.own_bias else self.bias
         with _no_autocast(x):
-            A, B = self._projections(name, dtype)
-            lambda_d, lambda_b = self._vectors(name)
-            bias = self.bias
-            if self._merged_weight_pays(name, xc, weight):
+            if step.plain and self._dense_pays(step, x):
                 return dvora_dense(
-                    xc,
+                    x,
                     weight,
                     bias,
                     frozen,
-                    A,
-                    B,
-                    self.vera_magnitude[name],
-                    lambda_d,
-                    lambda_b,
+                    A_t.T,
+                    B_t.T,
+                    magnitude[0],
+                    d_row[0],
+                    b_row[0],
                     fan_in_fan_out=self.fan_in_fan_out,
-                    detach_norm=self.adapters[name].detach_norm,
+                    detach_norm=step.detach_norm,
                 )
-            return dvora(
-                self._base_without_bias(xc),
-                xc,
-                frozen,
-                A,
-                B,
-                self.vera_magnitude[name],
-                lambda_d,
-                lambda_b,
-                bias,
-                self._dropout_mask(name, xc),
-                detach_norm=self.adapters[name].detach_norm,
-            )
+            C_t = lr.fold_row_t(xp, B_t, d_row, b_row)
+            norm = _gram_norm(xp, frozen, C_t.T)
+            if step.detach_norm:
+                norm = norm.detach()
+            z = lr.add_product_t(xp, self._base(x, False), lr.project_t(xp, self._dropped(step, x), A_t), C_t)
+            return _scaled(xp, z, magnitude, norm, bias)
 
-    def _mixed_forward(self, x: torch.Tensor, names: Sequence[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each batch row uses its own adapter: one gather of vectors per shared pair, no loop over adapters.
+    # ------------------------------------------------------------------ mixed batches
+    def _mixed_forward(self, x: torch.Tensor, rows: BatchRows) -> torch.Tensor:
+        """Each batch row uses its own adapter: per bank one gather of rows, no loop over adapters or rows.
 
-        Rows of DVoRA adapters are then scaled by their ``m / n`` (gathered too) and get the bias
-        after it; rows of VeRA adapters, and rows of none, by one.
+        Rows of DVoRA adapters are then scaled by their ``m / n`` and get their bias after it;
+        rows of VeRA adapters, and rows of none, by one.
         """
-        if x.dim() < 2 or len(names) != x.shape[0]:
-            raise ValueError(
-                f"adapter_names has {len(names)} entries but the batch has {x.shape[0] if x.dim() else 0} rows; "
-                "give one adapter name (or '__base__') per row"
-            )
+        if x.dim() < 2:
+            raise ValueError("a mixed-adapter batch needs inputs of shape (batch, ..., in_features)")
+        rows = rows.for_batch(int(x.shape[0]))
         if self.merged_adapters:
             raise RuntimeError("mixed-adapter batches need unmerged adapters; unmerge first")
-        used = sorted({n for n in names if n != BASE_ADAPTER and n in self.adapters})
-        if not used:
-            return self.base_layer(x, *args, **kwargs)
+        banks = self.banks()
+        if not banks:
+            return self.base_layer(x)
         dtype = _compute_dtype(x)
         xc = x.to(dtype)
-        dvora_used = [n for n in used if self.adapters[n].method == "dvora"]
-        # DVoRA rows scale x W0^T + dW and add the bias after: the sum starts without it
-        result = self._base_without_bias(xc) if dvora_used else self.base_layer(x, *args, **kwargs).to(dtype)
-        groups: dict[ProjectionKey, list[str]] = {}
-        for name in used:
-            groups.setdefault(self.adapters[name].key, []).append(name)
+        scaled = any(bank.dvora_rows or bank.own_bias_rows for bank in banks)
+        result = self._base(xc, not scaled)
+        scale = bias_rows = None
+        x_rows = xc if rows.dropout is None or not self.training else _row_dropout(xc, rows.dropout)
         with _no_autocast(x):
-            for key, group in groups.items():  # one pass per shared pair (normally exactly one)
-                result = result + self._mixed_delta(xc, names, key, group, dtype)
-            if dvora_used:
-                magnitude_rows, norm_rows = self._mixed_scales(names, dvora_used, x.device)
-                return vc.dvora_rows_output(result, magnitude_rows, norm_rows, bias=self.bias)
-        return result
+            for bank in banks:
+                d_rows, b_rows = self._gathered(bank, rows, "lambda_d"), self._gathered(bank, rows, "lambda_b")
+                if bank.narrow_rows:
+                    d_rows = d_rows * bank.mask("rank", d_rows.device)[rows.safe]
+                b_rows = b_rows * rows.valid.to(b_rows.dtype)
+                A_s, B_s = self._projections(bank.key, bank.width, dtype, b_rows.dtype, x.device)
+                result = lr.rows_delta(xp, lr.project(xp, x_rows, A_s, None), B_s, d_rows, b_rows, result)
+                if bank.dvora_rows:
+                    scale = self._dvora_row_scale(bank, rows, scale)
+                if bank.own_bias_rows:
+                    bias_rows = self._bias_rows(bank, rows, bias_rows)
+            if not scaled:
+                return result
+            bias: Any = self.bias if bias_rows is None else _per_row(bias_rows, result)
+            bias = None if bias is None else bias.to(result.dtype)
+            if scale is None:
+                return result if bias is None else result + bias
+            return _scale_add(xp, result, _per_row(scale, result), bias)
 
-    def _mixed_scales(
-        self, names: Sequence[str], dvora_used: list[str], device: torch.device
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row, the magnitude and the norm of its DVoRA adapter (ones for every other row)."""
-        weight = self._dense_weight("DVoRA")
-        ones = torch.ones(self.out_features, dtype=self.vera_magnitude[dvora_used[0]].dtype, device=device)
-        magnitudes, norms = [ones], [ones]
-        for name in dvora_used:
-            _, B = self._projections(name)
-            norm = vc.dvora_norm(self._frozen(name, weight), B, *self._vectors(name))
-            norms.append(norm.detach() if self.adapters[name].detach_norm else norm)
-            magnitudes.append(self.vera_magnitude[name])
-        position = {n: i for i, n in enumerate(dvora_used, start=1)}
-        index = torch.tensor([position.get(n, 0) for n in names], device=device)
-        return torch.stack(magnitudes)[index], torch.stack(norms)[index]
-
-    def _mixed_delta(
-        self, x: torch.Tensor, names: Sequence[str], key: ProjectionKey, group: list[str], dtype: torch.dtype
+    def _gathered(
+        self, bank: AdapterBank, rows: BatchRows, kind: str, index: torch.Tensor | None = None
     ) -> torch.Tensor:
-        rank = max(self.adapters[n].rank for n in group)
-        A, B = self._state.projections.get(key, dtype, x.device)
-        vec_dtype = self.vera_lambda_b[group[0]].dtype
-        # row 0: rows not in this group (zero vectors); lambda_d zero-padded to the group's largest rank (exact)
-        table_d = torch.stack(
-            [torch.zeros(rank, dtype=vec_dtype, device=x.device)]
-            + [functional.pad(self.vera_lambda_d[n], (0, rank - self.adapters[n].rank)) for n in group]
-        )
-        table_b = torch.stack(
-            [torch.zeros(self.out_features, dtype=vec_dtype, device=x.device)] + [self.vera_lambda_b[n] for n in group]
-        )
-        position = {n: i for i, n in enumerate(group, start=1)}
-        index = torch.tensor([position.get(n, 0) for n in names], device=x.device)
-        return vc.vera_delta_rows(x, A, B, table_d[index].to(dtype), table_b[index].to(dtype))
+        """Rows of one kind for the batch (or ``index``); rows of inactive adapters are used but do not train."""
+        gathered = bank.gather(kind, rows.safe if index is None else index)
+        if index is None and rows.trainable is not None and gathered.requires_grad:
+            gathered = torch.where(rows.trainable, gathered, gathered.detach())
+        return gathered
+
+    def _dvora_row_scale(self, bank: AdapterBank, rows: BatchRows, scale: torch.Tensor | None) -> torch.Tensor:
+        """Per row ``m / n`` of its DVoRA adapter in this bank (one for other rows).
+
+        The norms are computed once per distinct DVoRA adapter of the batch (Gram form), then
+        gathered per row.
+        """
+        device = rows.safe.device
+        is_dvora = bank.mask("dvora", device)[rows.safe] & (rows.index >= 0)
+        used = torch.unique(rows.safe[is_dvora])
+        d_used = self._gathered(bank, rows, "lambda_d", used)
+        if bank.narrow_rows:
+            d_used = d_used * bank.mask("rank", device)[used]
+        b_used = self._gathered(bank, rows, "lambda_b", used)
+        norms = vc.dvora_norm_rows(self._frozen(bank.key, bank.width), _bank_B(self, bank), d_used, b_used)
+        detached = bank.mask("detach_norm", device)[used][:, None]
+        norms = torch.where(detached, norms.detach(), norms)
+        magnitude = self._gathered(bank, rows, "magnitude", used)
+        ratio_used = magnitude / norms.to(magnitude.dtype)
+        position = torch.searchsorted(used, rows.safe).clamp_max(max(int(used.shape[0]) - 1, 0))
+        ratio = torch.where(is_dvora[:, None], ratio_used[position], torch.ones_like(ratio_used[:1]))
+        if rows.trainable is not None and ratio.requires_grad:
+            ratio = torch.where(rows.trainable, ratio, ratio.detach())
+        return ratio if scale is None else scale * ratio
+
+    def _bias_rows(self, bank: AdapterBank, rows: BatchRows, previous: torch.Tensor | None) -> torch.Tensor:
+        """Per row the bias: the adapter's own for rows that train one, else the base layer's."""
+        own = (bank.mask("own_bias", rows.safe.device)[rows.safe] & (rows.index >= 0))[:, None]
+        gathered = self._gathered(bank, rows, "bias")
+        fallback = previous
+        if fallback is None:
+            base = self.bias
+            fallback = (torch.zeros_like(gathered[0]) if base is None else base.to(gathered.dtype)).expand_as(gathered)
+        return torch.where(own, gathered, fallback)
 
     # ------------------------------------------------------------------ merging
-    def merge(self, names: Sequence[str], *, safe: bool = False) -> None:
-        """Fold adapters into the base weight (all checked before the weight is touched)."""
-        weight = self._dense_weight("merging")
-        todo = [n for n in names if n in self.adapters and n not in self.merged_adapters]
-        if any(self.adapters[n].method == "dvora" for n in todo) and (len(todo) > 1 or self.merged_adapters):
+    def merged_weight(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weight with ``names`` folded in, and the DVoRA norms to keep (nothing is changed)."""
+        weight = self.dense_weight("merging")
+        todo = [n for n in names if self.has_adapter(n) and n not in self.merged_adapters]
+        if any(self.method_of(n) == "dvora" for n in todo) and (len(todo) > 1 or self.merged_adapters):
             raise RuntimeError("a DVoRA adapter must be merged alone, onto an unmerged weight")
         new = weight.detach()
         norms: dict[str, torch.Tensor] = {}
         for name in todo:
-            A, B = self._projections(name)
-            lambda_d, lambda_b = (v.detach() for v in self._vectors(name))
-            if self.adapters[name].method == "dvora":
-                magnitude = self.vera_magnitude[name].detach()
+            vectors = {k: v.detach() for k, v in self.vectors(name).items()}
+            A, B = self._state.projections.get(self._state.specs[name].key, None, weight.device)
+            if self.method_of(name) == "dvora":
                 new, norms[name] = vc.dvora_merge(
-                    new, A, B, magnitude, lambda_d, lambda_b, fan_in_fan_out=self.fan_in_fan_out, safe=safe
+                    new,
+                    A,
+                    B,
+                    vectors["magnitude"],
+                    vectors["lambda_d"],
+                    vectors["lambda_b"],
+                    fan_in_fan_out=self.fan_in_fan_out,
+                    safe=True,
                 )
             else:
-                new = vc.merge(new, A, B, lambda_d, lambda_b, fan_in_fan_out=self.fan_in_fan_out, safe=safe)
-        with torch.no_grad():
-            weight.copy_(new)
-        self._merge_norms.update(norms)
-        self.merged_adapters.extend(todo)
+                new = vc.merge(
+                    new, A, B, vectors["lambda_d"], vectors["lambda_b"], fan_in_fan_out=self.fan_in_fan_out, safe=True
+                )
+        return new, norms
 
-    def unmerge(self) -> None:
-        """Undo every merge, newest first (up to rounding)."""
-        if not self.merged_adapters:
-            return
-        weight = self._dense_weight("unmerging")
+    def commit_merge(self, names: list[str], weight: torch.Tensor, norms: dict[str, torch.Tensor]) -> None:
+        """Write a weight from :meth:`merged_weight` and record the merge."""
+        with torch.no_grad():
+            self.dense_weight("merging").copy_(weight)
+        self._merge_norms.update(norms)
+        self.merged_adapters.extend(n for n in names if self.has_adapter(n) and n not in self.merged_adapters)
+        self._state.changed()
+
+    def unmerged_weight(self) -> torch.Tensor:
+        """The weight with every merge undone (nothing is changed); ValueError if it would not be finite."""
+        weight = self.dense_weight("unmerging")
         new = weight.detach()
         for name in reversed(self.merged_adapters):
-            A, B = self._projections(name)
-            lambda_d, lambda_b = (v.detach() for v in self._vectors(name))
-            if self.adapters[name].method == "dvora":
+            vectors = {k: v.detach() for k, v in self.vectors(name).items()}
+            A, B = self._state.projections.get(self._state.specs[name].key, None, weight.device)
+            if self.method_of(name) == "dvora":
                 new = vc.dvora_unmerge(
                     new,
                     self._merge_norms[name],
                     A,
                     B,
-                    self.vera_magnitude[name].detach(),
-                    lambda_d,
-                    lambda_b,
+                    vectors["magnitude"],
+                    vectors["lambda_d"],
+                    vectors["lambda_b"],
                     fan_in_fan_out=self.fan_in_fan_out,
                 )
             else:
-                new = vc.unmerge(new, A, B, lambda_d, lambda_b, fan_in_fan_out=self.fan_in_fan_out)
+                new = vc.unmerge(
+                    new, A, B, vectors["lambda_d"], vectors["lambda_b"], fan_in_fan_out=self.fan_in_fan_out
+                )
+        if not bool(torch.isfinite(new).all()):
+            raise ValueError("unmerging would write NaN or infinity into the weight; the weight was left as it is")
+        return new
+
+    def commit_unmerge(self, weight: torch.Tensor) -> None:
+        """Write a weight from :meth:`unmerged_weight` and forget the merges."""
         with torch.no_grad():
-            weight.copy_(new)
+            self.dense_weight("unmerging").copy_(weight)
         self.merged_adapters.clear()
         self._merge_norms.clear()
+        self._state.changed()
 
     def extra_repr(self) -> str:
-        return ", ".join(f"{n}: {s.method} r={s.rank}" for n, s in self.adapters.items())
+        return f"in_features={self.in_features}, out_features={self.out_features}"
+
+
+def _bank_B(layer: VeraLinear, bank: AdapterBank) -> torch.Tensor:
+    """The shared B of ``bank``'s key in the bank's dtype, on its device (whole: rows slice it)."""
+    return layer._state.projections.get(bank.key, bank.lambda_b.dtype, bank.lambda_b.device)[1]
+
+
+def _row_dropout(x: torch.Tensor, p_rows: torch.Tensor) -> torch.Tensor:
+    """Inverted dropout with each leading row's own probability."""
+    keep = (1.0 - p_rows).to(x.dtype).reshape((-1,) + (1,) * (x.dim() - 1))
+    return x * torch.bernoulli(keep.expand_as(x)) / keep.clamp_min(torch.finfo(x.dtype).tiny)
+
+
+def _per_row(rows: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """(batch, out) rows broadcast over the tokens of each row of ``like`` (batch, ..., out)."""
+    return rows.to(like.dtype).reshape((rows.shape[0],) + (1,) * (like.dim() - 2) + (rows.shape[-1],))

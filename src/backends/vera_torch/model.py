@@ -1,9 +1,16 @@
 """Model surgery and adapter management: :func:`add_vera` and friends.
 
 The model is changed in place: each targeted layer is replaced by a
-:class:`~vera_torch.layers.VeraLinear` wrapping it, and the model gains a submodule
-``vera_state`` holding the shared projections. ``model(x, adapter_names=[...])`` then
-picks an adapter per batch row (``"__base__"`` for none).
+:class:`~vera_torch.layers.VeraLinear` wrapping it, and the model gains an attribute
+``vera_state`` holding the shared projections and the adapter bank's bookkeeping
+(:class:`vera_core.slots.SlotTable`: every adapter is one row of every layer's bank).
+Adding, deleting or switching adapters costs O(the adapter's own size) plus O(layers),
+whatever the number of adapters already held. ``model(x, adapter_names=[...])`` picks an
+adapter per batch row (``"__base__"`` for none), or takes the slot tensor of
+:func:`adapter_index` for the hot path.
+
+Every function that changes the model checks everything first: an exception leaves the
+model as it was.
 """
 
 from __future__ import annotations
@@ -12,7 +19,7 @@ import contextlib
 import dataclasses
 import math
 import typing
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -20,8 +27,9 @@ from torch import nn
 
 import vera_core as vc
 from vera_core.targets import ALL_LINEAR, matches, select_targets
-from vera_torch.layers import BASE_ADAPTER, LayerAdapter, SharedState, VeraLinear, layer_dims
-from vera_torch.projections import ProjectionKey, ProjectionStore
+from vera_torch.bank import DVORA, AdapterBank
+from vera_torch.layers import BASE_ADAPTER, AdapterSpec, BatchRows, SharedState, VeraLinear, layer_dims
+from vera_torch.projections import ProjectionKey, ProjectionStore, generate
 
 __all__ = [
     "STATE_NAME",
@@ -29,11 +37,13 @@ __all__ = [
     "TrainableReport",
     "VeraState",
     "active_adapters",
-    "add_vera",
+    "adapter_index",
     "adapter_names",
+    "add_vera",
     "delete_adapter",
     "disable_adapters",
     "get_state",
+    "list_adapters",
     "merge_adapter",
     "merge_and_unload",
     "set_adapter",
@@ -43,12 +53,12 @@ __all__ = [
 ]
 
 STATE_NAME = "vera_state"
-"""Name of the submodule :func:`add_vera` adds to the model."""
+"""Name of the attribute :func:`add_vera` adds to the model."""
 
 BIAS_MODES = ("none", "all", "vera_only")
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)
 class AdapterSettings:
     """How an adapter was created (what the adapter file records)."""
 
@@ -65,7 +75,7 @@ class AdapterSettings:
 
 
 class VeraState:
-    """The model-wide part of the adapters: shared projections, settings, active adapters.
+    """The model-wide part of the adapters: projections, slots, settings, active adapters.
 
     A plain attribute ``model.vera_state``, not a submodule: containers such as
     ``nn.Sequential`` iterate their submodules, and the projections must stay out of
@@ -76,10 +86,29 @@ class VeraState:
         self.projections = ProjectionStore()
         self.shared = SharedState(self.projections)
         self.settings: dict[str, AdapterSettings] = {}
+        self.key_users: dict[str, int] = {}
+        """Adapters per projection key (a pair is dropped when its last adapter is deleted)."""
+        self._interned: dict[Any, Any] = {}
         self._hooks: list[Any] = []
+        self._call_rows = False
 
     def __repr__(self) -> str:
-        return f"VeraState(adapters={list(self.settings)}, active={self.shared.active})"
+        return f"VeraState(adapters={len(self.settings)}, active={self.shared.active})"
+
+    def intern(self, value: Any) -> Any:
+        """One shared object per distinct value (layer tuples, specs: thousands of adapters share them).
+
+        Unhashable values are kept as they are.
+        """
+        try:
+            return self._interned.setdefault(value, value)
+        except TypeError:
+            return value
+
+    @property
+    def slots(self) -> Any:
+        """The model's :class:`vera_core.slots.SlotTable`."""
+        return self.shared.slots
 
 
 def get_state(model: nn.Module) -> VeraState:
@@ -91,14 +120,21 @@ def get_state(model: nn.Module) -> VeraState:
 
 
 def _check_adapter(state: VeraState, name: str) -> AdapterSettings:
-    if name not in state.settings:
-        raise KeyError(f"no adapter named {name!r}; the model has {sorted(state.settings)}")
+    if not isinstance(name, str) or name not in state.settings:
+        shown = sorted(state.settings)[:10]
+        more = f" and {len(state.settings) - 10} more" if len(state.settings) > 10 else ""
+        raise KeyError(f"no adapter named {name!r}; the model has {shown}{more}")
     return state.settings[name]
 
 
 def vera_layers(model: nn.Module) -> dict[str, VeraLinear]:
     """Every :class:`VeraLinear` of the model by module path."""
     return {name: module for name, module in model.named_modules() if isinstance(module, VeraLinear)}
+
+
+def list_adapters(model: nn.Module) -> list[str]:
+    """The names of the model's adapters, in the order they were added."""
+    return list(get_state(model).settings)
 
 
 def _output_head_names(model: nn.Module) -> set[str]:
@@ -111,7 +147,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     return heads
 
 
-def _candidates(model: nn.Module) -> dict[str, nn.Module]:
+def candidates(model: nn.Module) -> dict[str, nn.Module]:
     """Adaptable modules by path: wrapped layers by their wrapper path, our own modules excluded."""
     out: dict[str, nn.Module] = {}
     skip: list[str] = []
@@ -119,7 +155,7 @@ def _candidates(model: nn.Module) -> dict[str, nn.Module]:
         if not name or any(name == s or name.startswith(s + ".") for s in skip):
             continue
         if isinstance(module, VeraLinear):
-            skip.append(name)  # its base_layer is not a separate candidate
+            skip.append(name)  # its base_layer and banks are not separate candidates
         out[name] = module
     return out
 
@@ -129,15 +165,15 @@ def _check_common(r: int, seed: int, d_initial: float, dropout: float, bias: str
         raise ValueError(f"r must be a positive int, got {r!r}")
     if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**64:
         raise ValueError(f"seed must be an int in [0, 2**64), got {seed!r}")
-    if not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
+    if isinstance(d_initial, bool) or not isinstance(d_initial, (int, float)) or not math.isfinite(d_initial):
         raise ValueError(f"d_initial must be a finite number, got {d_initial!r}")
-    if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
     if bias not in BIAS_MODES:
         raise ValueError(f"bias must be one of {BIAS_MODES}, got {bias!r}")
 
 
-def _model_device(modules: Sequence[nn.Module]) -> torch.device:
+def _model_device(modules: Iterable[nn.Module]) -> torch.device:
     for module in modules:
         for tensor in (*module.parameters(), *module.buffers()):
             return tensor.device
@@ -152,10 +188,10 @@ def _resolve_targets(
 ) -> dict[str, nn.Module]:
     if target_modules is None:
         raise ValueError("target_modules is required: a list of layer names, a regular expression, or 'all-linear'")
-    candidates = _candidates(model)
+    found = candidates(model)
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         heads = _output_head_names(model)
-        names = [n for n, m in candidates.items() if layer_dims(m) is not None and n not in heads]
+        names = [n for n, m in found.items() if layer_dims(m) is not None and n not in heads]
         if layers_to_transform is not None:
             names = [
                 n
@@ -165,46 +201,114 @@ def _resolve_targets(
         chosen = select_targets(names, ALL_LINEAR)
     else:
         chosen = select_targets(
-            candidates, target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
+            found, target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
         )
-    bad = [f"{n} ({type(candidates[n]).__name__})" for n in chosen if layer_dims(candidates[n]) is None]
+    bad = [f"{n} ({type(found[n]).__name__})" for n in chosen if layer_dims(found[n]) is None]
     if bad:
         raise ValueError(
             f"target_modules={target_modules!r} matches layers that are not linear-like: {', '.join(bad)}; "
             "VeRA adapts nn.Linear, transformers Conv1D and modules with in_features/out_features"
         )
-    return {n: candidates[n] for n in chosen}
+    return {n: found[n] for n in chosen}
 
 
 def _ensure_state(model: nn.Module) -> VeraState:
     state = getattr(model, STATE_NAME, None)
     if isinstance(state, VeraState):
         return state
-    if state is not None:
-        raise ValueError(f"the model already has an attribute {STATE_NAME!r} that is not a VeraState")
     state = VeraState()
     setattr(model, STATE_NAME, state)
-    state._hooks.append(model.register_forward_pre_hook(_pop_adapter_names, with_kwargs=True))
+    state._hooks.append(model.register_forward_pre_hook(_take_adapter_names, with_kwargs=True))
     state._hooks.append(model.register_forward_hook(_clear_adapter_names, always_call=True))
     return state
 
 
-def _pop_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+def _check_state_attribute(model: nn.Module) -> None:
+    state = getattr(model, STATE_NAME, None)
+    if state is not None and not isinstance(state, VeraState):
+        raise ValueError(f"the model already has an attribute {STATE_NAME!r} that is not a VeraState")
+
+
+def _model_vector_device(state: VeraState, model: nn.Module) -> torch.device:
+    for layer in vera_layers(model).values():
+        return layer.device()
+    return torch.device("cpu")
+
+
+def _batch_rows(model: nn.Module, state: VeraState, names: Any) -> BatchRows:
+    """The per-row choice of a forward: slots from names (checked) or a slot tensor (the hot path)."""
+    shared = state.shared
+    device = _model_vector_device(state, model)
+    if isinstance(names, torch.Tensor):
+        if names.dim() != 1 or names.dtype not in (torch.int64, torch.int32):
+            raise ValueError(
+                f"an adapter index must be a 1-D integer tensor of slots, got {names.dtype} {tuple(names.shape)}"
+            )
+        index = names.to(device=device, dtype=torch.int64)
+        active = torch.zeros(shared.slots.capacity, dtype=torch.bool, device=device)
+        active_slots = [shared.slots.slot(n) for n in shared.active]
+        active[active_slots] = True
+        trainable = active[index.clamp_min(0)][:, None] if torch.is_grad_enabled() else None
+        dropout = _dropout_rows_from_slots(state, index, device)
+        return BatchRows.of(index, dropout, trainable)
+    if isinstance(names, str) or not isinstance(names, Sequence):
+        raise TypeError(f"adapter_names must be a list of adapter names (one per row) or a slot tensor, got {names!r}")
+    slots = shared.slots
+    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in slots})
+    if unknown:
+        raise ValueError(f"adapter_names has unknown adapters {unknown[:10]}; the model has {len(slots)} adapters")
+    if shared.disabled:
+        raise RuntimeError("adapters are disabled; leave the disable_adapters() context for a mixed batch")
+    index_list = [-1 if n == BASE_ADAPTER else slots.slot(n) for n in names]
+    index = torch.tensor(index_list, dtype=torch.int64, device=device)
+    active = set(shared.active)
+    flags = [n == BASE_ADAPTER or n in active for n in names]
+    trainable = None if all(flags) else torch.tensor(flags, device=device)[:, None]
+    probabilities = [0.0 if n == BASE_ADAPTER else shared.specs[n].dropout for n in names]
+    dropout = torch.tensor(probabilities, device=device) if any(probabilities) else None
+    return BatchRows.of(index, dropout, trainable)
+
+
+def _dropout_rows_from_slots(state: VeraState, index: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    rates = {n: s.dropout for n, s in state.shared.specs.items() if s.dropout}
+    if not rates:
+        return None
+    table = torch.zeros(state.slots.capacity + 1, device=device)
+    for name, rate in rates.items():
+        table[state.slots.slot(name)] = rate
+    return table[index]  # index -1 reads the spare last entry, 0
+
+
+def adapter_index(model: nn.Module, names: Sequence[str]) -> torch.Tensor:
+    """The slot tensor for per-row adapter ``names`` (``"__base__"``: -1), to pass as ``adapter_names``.
+
+    Converting once and reusing the tensor keeps name lookups out of the serving loop.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> model = add_vera(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2)
+    >>> adapter_index(model, ["default", "__base__"]).tolist()
+    [0, -1]
+    """
+    state = get_state(model)
+    return _batch_rows(model, state, list(names)).index
+
+
+def _take_adapter_names(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     names = kwargs.pop("adapter_names", None)
     state: VeraState = getattr(module, STATE_NAME)
     if names is not None:
-        names = list(names)
-        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in state.settings})
-        if unknown:
-            raise ValueError(f"adapter_names has unknown adapters {unknown}; the model has {sorted(state.settings)}")
-        if state.shared.disabled:
-            raise RuntimeError("adapters are disabled; leave the disable_adapters() context for a mixed batch")
-    state.shared.batch_adapter_names = names
+        state.shared.rows = _batch_rows(module, state, names)
+        state._call_rows = True
     return args, kwargs
 
 
 def _clear_adapter_names(module: nn.Module, args: tuple, output: Any) -> None:
-    getattr(module, STATE_NAME).shared.batch_adapter_names = None
+    state: VeraState = getattr(module, STATE_NAME)
+    if state._call_rows:
+        state.shared.rows = None
+        state._call_rows = False
 
 
 def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
@@ -213,23 +317,60 @@ def _replace(model: nn.Module, path: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def _set_trainable(model: nn.Module, state: VeraState) -> None:
-    """Freeze everything but the active adapters' vectors (and biases where the adapter asks)."""
-    active = set(state.shared.active)
-    bias_modes = {state.settings[n].bias for n in active}
+def _set_trainable(model: nn.Module, state: VeraState, layers: Iterable[VeraLinear] | None = None) -> None:
+    """Freeze everything but the banks holding active adapters (and biases where an adapter asks).
+
+    ``bias="all"`` trains every bias of the model except those an active adapter replaces
+    with its own (an adapted layer's). Costs O(parameters of the model + active adapters x
+    layers), not O(adapters held).
+    """
+    shared = state.shared
+    all_layers = list(vera_layers(model).values() if layers is None else layers)
+    _set_trainable_banks(state, all_layers)
+    train_all = "all" in {state.settings[n].bias for n in shared.active} and not shared.disabled
+    replaced = {
+        id(layer.bias)
+        for layer in all_layers
+        if layer.bias is not None and any(layer.has_adapter(n) and "bias" in layer.vectors(n) for n in shared.active)
+    }
     for name, param in model.named_parameters():
-        param.requires_grad_(False)
-        if "all" in bias_modes and name.split(".")[-1] == "bias":
-            param.requires_grad_(True)
-    for layer in vera_layers(model).values():
-        for store in (layer.vera_lambda_d, layer.vera_lambda_b, layer.vera_magnitude):
-            for adapter, param in store.items():
-                param.requires_grad_(adapter in active)
-        if bias_modes & {"all", "vera_only"} and any(a in active for a in layer.adapters) and layer.bias is not None:
-            layer.bias.requires_grad_(True)
+        if ".vera_banks." in f".{name}":
+            continue
+        param.requires_grad_(train_all and name.split(".")[-1] == "bias" and id(param) not in replaced)
 
 
-def inject(
+def check_new_name(model: nn.Module, adapter_name: str) -> None:
+    """Raise ValueError when ``adapter_name`` is taken or not an identifier."""
+    if not isinstance(adapter_name, str) or not adapter_name.isidentifier() or adapter_name == BASE_ADAPTER:
+        raise ValueError(f"adapter_name must be a Python identifier other than {BASE_ADAPTER!r}, got {adapter_name!r}")
+    _check_state_attribute(model)
+    state = getattr(model, STATE_NAME, None)
+    if isinstance(state, VeraState) and adapter_name in state.settings:
+        raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")
+
+
+def _grow(model: nn.Module, state: VeraState, capacity: int) -> None:
+    """Make every bank hold ``capacity`` rows (amortised: the slot table grows geometrically)."""
+    if capacity > state.slots.capacity:
+        for layer in vera_layers(model).values():
+            for bank in layer.banks():
+                bank.grow(capacity)
+        state.slots.reserve(capacity)
+
+
+@dataclasses.dataclass
+class PreparedAdapter:
+    """A checked adapter ready to attach: nothing is left that can fail but memory."""
+
+    settings: AdapterSettings
+    targets: dict[str, nn.Module]
+    ranks: dict[str, int]
+    rows: dict[str, dict[str, torch.Tensor]]
+    projections: tuple[torch.Tensor, torch.Tensor] | None
+    own_bias: bool
+
+
+def prepare(
     model: nn.Module,
     targets: dict[str, nn.Module],
     settings: AdapterSettings,
@@ -237,37 +378,94 @@ def inject(
     ranks: dict[str, int] | None = None,
     tensors: dict[str, dict[str, torch.Tensor]] | None = None,
     projections: tuple[torch.Tensor, torch.Tensor] | None = None,
-) -> None:
-    """Attach a checked adapter to ``targets`` (internal: :func:`add_vera` and the loaders)."""
-    state = _ensure_state(model)
-    device = _model_device(list(targets.values()))
-    state.projections.add(settings.key, device=device, tensors=projections)
+) -> PreparedAdapter:
+    """Check an adapter against the model and build its rows; the model is not changed."""
+    check_new_name(model, settings.name)
+    state = getattr(model, STATE_NAME, None)
+    key = settings.key
+    known = isinstance(state, VeraState) and key.name in state.projections.keys_by_name
+    if projections is None and not known:
+        projections = generate(key, device=_model_device(targets.values()))
+    elif projections is not None:
+        A, B = projections
+        if tuple(A.shape) != (key.r, key.max_in) or tuple(B.shape) != (key.max_out, key.r):
+            raise ValueError(
+                f"projections of shape {tuple(A.shape)} and {tuple(B.shape)} do not match "
+                f"r={key.r}, max_in={key.max_in}, max_out={key.max_out}"
+            )
+    own_bias = settings.bias != "none"
+    rows: dict[str, dict[str, torch.Tensor]] = {}
+    layer_ranks: dict[str, int] = {}
     for path, module in targets.items():
+        rank = (ranks or {}).get(path, settings.r)
+        n_in, n_out, _ = typing.cast(tuple[int, int, bool], layer_dims(module))
+        if not key.covers(rank, n_in, n_out):
+            raise ValueError(
+                f"layer {path!r} ({n_in} inputs, {n_out} outputs, rank {rank}) does not fit the shared "
+                f"projections (r={key.r}, max_in={key.max_in}, max_out={key.max_out})"
+            )
+        layer = module if isinstance(module, VeraLinear) else _detached_wrapper(module)
+        layer_tensors = (tensors or {}).get(path)
+        if own_bias and layer.bias is None and not (layer_tensors and "bias" in layer_tensors):
+            raise ValueError(f"bias={settings.bias!r} trains the bias of layer {path!r}, which has none")
+        try:
+            rows[path] = layer.new_row(
+                settings.method, rank, d_initial=settings.d_initial, tensors=layer_tensors, own_bias=own_bias
+            )
+        except (TypeError, ValueError) as error:
+            raise type(error)(f"layer {path!r}: {error}") from error
+        layer_ranks[path] = rank
+    return PreparedAdapter(settings, targets, layer_ranks, rows, projections, own_bias)
+
+
+def _detached_wrapper(module: nn.Module) -> VeraLinear:
+    """A throwaway wrapper to compute a plain layer's rows with (it does not attach to ``module``'s model)."""
+    return VeraLinear(module, SharedState(ProjectionStore()))
+
+
+def attach(model: nn.Module, prepared: PreparedAdapter, *, activate: bool | None = None) -> None:
+    """Attach a :func:`prepare`-d adapter (internal: :func:`add_vera` and the loaders).
+
+    ``activate`` None makes it active when it is the model's first adapter.
+    """
+    state = _ensure_state(model)
+    settings = state.intern(prepared.settings)
+    key = settings.key
+    device = _model_device(prepared.targets.values())
+    state.projections.add(key, device=device, tensors=prepared.projections)
+    _grow(model, state, state.slots.next_capacity())
+    slot = state.slots.add(settings.name)
+    state.shared.specs[settings.name] = state.intern(
+        AdapterSpec(settings.method, key, settings.dropout, settings.detach_norm)
+    )
+    state.settings[settings.name] = settings
+    state.key_users[key.name] = state.key_users.get(key.name, 0) + 1
+    touched = []
+    for path, module in prepared.targets.items():
         layer = module if isinstance(module, VeraLinear) else VeraLinear(module, state.shared)
-        spec = LayerAdapter(
-            settings.method, (ranks or {}).get(path, settings.r), settings.key, settings.dropout, settings.detach_norm
+        layer.add_adapter(
+            slot, settings.method, key, prepared.ranks[path], row=prepared.rows[path], own_bias=prepared.own_bias
         )
-        layer.add_adapter(settings.name, spec, d_initial=settings.d_initial, tensors=(tensors or {}).get(path))
         if layer is not module:
             _replace(model, path, layer)
-    state.settings[settings.name] = settings
-    if not state.shared.active:
+        touched.append(layer)
+    if activate or (activate is None and not state.shared.active):
         state.shared.active.append(settings.name)
-    _set_trainable(model, state)
+        _set_trainable(model, state)
+    else:
+        _set_trainable_banks(state, touched)
+    state.shared.changed()
 
 
-def check_new_name(model: nn.Module, adapter_name: str) -> None:
-    """Raise ValueError when ``adapter_name`` is taken or not an identifier."""
-    state = getattr(model, STATE_NAME, None)
-    if isinstance(state, VeraState) and adapter_name in state.settings:
-        raise ValueError(f"the model already has an adapter named {adapter_name!r}; delete it or pick another name")
-    if not isinstance(adapter_name, str) or not adapter_name.isidentifier() or adapter_name == BASE_ADAPTER:
-        raise ValueError(f"adapter_name must be a Python identifier other than {BASE_ADAPTER!r}, got {adapter_name!r}")
-    if hasattr(nn.ParameterDict(), adapter_name):
-        raise ValueError(
-            f"adapter_name {adapter_name!r} clashes with an nn.ParameterDict attribute (the vectors are stored in "
-            "ParameterDicts keyed by adapter name); pick another name"
-        )
+def _set_trainable_banks(state: VeraState, layers: Iterable[VeraLinear]) -> None:
+    """:func:`_set_trainable` for the banks of ``layers`` only (a new inactive adapter: O(its layers))."""
+    shared = state.shared
+    active_slots = [shared.slots.slot(n) for n in shared.active]
+    for layer in layers:
+        for bank in layer.banks():
+            wanted = not shared.disabled and bank.holds_any(active_slots)
+            for param in bank.parameters_by_kind().values():
+                param.requires_grad_(wanted)
 
 
 def add_vera(
@@ -305,14 +503,16 @@ def add_vera(
     dropout : float
         Dropout on the adapter path's input.
     bias : {"none", "all", "vera_only"}
-        Which biases train: none, every bias of the model, or the adapted layers'.
+        Which biases train: none, the adapted layers' (each adapter keeps its own) and,
+        with ``"all"``, every other bias of the model too (shared by all adapters).
     layers_to_transform, layers_pattern
         Keep only layers whose index (after ``layers_pattern``) is listed, as in PEFT.
     dvora : bool
         DVoRA (DoRA's magnitude/direction split with VeRA's update) instead of VeRA.
     adapter_name : str
         Name of the new adapter. The first adapter becomes active; later ones are added
-        inactive (see :func:`set_adapter`).
+        inactive (see :func:`set_adapter`). Adding one costs the same however many the
+        model already holds.
     detach_norm : bool
         DVoRA only: treat the weight norm as a constant in backward (DoRA section 4.3).
 
@@ -340,6 +540,8 @@ def add_vera(
     """
     _check_common(r, seed, d_initial, dropout, bias)
     check_new_name(model, adapter_name)
+    if not isinstance(dvora, bool) or not isinstance(detach_norm, bool):
+        raise ValueError(f"dvora and detach_norm must be bools, got {dvora!r} and {detach_norm!r}")
     targets = _resolve_targets(model, target_modules, layers_to_transform, layers_pattern)
     dims = {path: typing.cast(tuple[int, int, bool], layer_dims(module)) for path, module in targets.items()}
     if dvora:
@@ -352,19 +554,20 @@ def add_vera(
     state = getattr(model, STATE_NAME, None)
     existing = state.projections.find(vc.PRNG_ID, seed, r, max_in, max_out) if isinstance(state, VeraState) else None
     key = existing or ProjectionKey(vc.PRNG_ID, seed, r, max_in, max_out)
+    interned = state.intern if isinstance(state, VeraState) else (lambda value: value)
     settings = AdapterSettings(
         name=adapter_name,
         method="dvora" if dvora else "vera",
         r=r,
         key=key,
-        layers=tuple(targets),
+        layers=interned(tuple(targets)),
         d_initial=float(d_initial),
         dropout=float(dropout),
         bias=bias,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules or ()),
+        target_modules=interned(target_modules if isinstance(target_modules, str) else tuple(target_modules or ())),
         detach_norm=detach_norm,
     )
-    inject(model, targets, settings)
+    attach(model, prepare(model, targets, settings))
     return model
 
 
@@ -374,7 +577,10 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Make ``names`` the active adapter(s); only their vectors require grad.
+    """Make ``names`` the active adapter(s); only their banks' rows train.
+
+    Several active adapters sum their outputs (PEFT's rule) and, in a mixed-adapter batch,
+    are the adapters whose rows train.
 
     Examples
     --------
@@ -386,19 +592,31 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """
     state = get_state(model)
     wanted = [names] if isinstance(names, str) else list(names)
-    for name in wanted:
-        _check_adapter(state, name)
     if not wanted:
         raise ValueError("set_adapter needs at least one adapter name")
+    for name in wanted:
+        _check_adapter(state, name)
+    if len(set(wanted)) != len(wanted):
+        raise ValueError(f"set_adapter got a name twice: {wanted}")
+    layers = vera_layers(model)
+    for path, layer in layers.items():
+        dvora = [n for n in wanted if layer.has_adapter(n) and layer.method_of(n) == "dvora"]
+        if len(dvora) > 1:
+            raise ValueError(f"layer {path!r} would have two active DVoRA adapters {dvora}; at most one per layer")
+        own = [n for n in wanted if layer.has_adapter(n) and "bias" in layer.vectors(n)]
+        if len(own) > 1 and len(wanted) > 1:
+            raise ValueError(f"layer {path!r}: adapters {own} each train the layer's bias; activate one of them")
     state.shared.active[:] = wanted
-    _set_trainable(model, state)
+    _set_trainable(model, state, layers.values())
+    state.shared.changed()
 
 
 @contextlib.contextmanager
 def disable_adapters(model: nn.Module) -> Iterator[None]:
-    """Run the bare base model inside the ``with`` block.
+    """Run the bare base model inside the ``with`` block (no vector requires grad there).
 
-    Raises RuntimeError (changing nothing) when an adapter is merged: unmerge first.
+    Raises RuntimeError (changing nothing) when an adapter is merged: unmerge first. The
+    vectors' ``requires_grad`` comes back on exit, as in PEFT.
 
     Examples
     --------
@@ -407,105 +625,129 @@ def disable_adapters(model: nn.Module) -> Iterator[None]:
     >>> model = add_vera(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2)
     >>> with disable_adapters(model):
     ...     y = model(torch.ones(1, 4))
+    ...     print(trainable_parameters(model).trainable)
+    0
     """
     state = get_state(model)
     merged = {n: layer.merged_adapters for n, layer in vera_layers(model).items() if layer.merged_adapters}
     if merged:
         raise RuntimeError(f"adapters are merged into {sorted(merged)}; unmerge_adapter(model) before disabling")
     previous = state.shared.disabled
+    saved = {param: param.requires_grad for param in model.parameters()}
     state.shared.disabled = True
+    for param in saved:
+        param.requires_grad_(False)
     try:
         yield
     finally:
         state.shared.disabled = previous
+        for param, flag in saved.items():
+            param.requires_grad_(flag)
 
 
 @contextlib.contextmanager
-def adapter_names(model: nn.Module, names: Sequence[str]) -> Iterator[None]:
-    """Per-row adapters for every forward inside the block (``model(x, adapter_names=...)`` does one call)."""
+def adapter_names(model: nn.Module, names: Sequence[str] | torch.Tensor) -> Iterator[None]:
+    """Per-row adapters for every forward inside the block, e.g. around Hugging Face ``generate()``.
+
+    ``names`` holds one adapter name (or ``"__base__"``) per row, or is an
+    :func:`adapter_index` tensor. A forward whose batch is ``k`` times larger (beam search,
+    several returned sequences) repeats each row's adapter ``k`` times in place, as
+    generation expands its inputs. ``model(x, adapter_names=...)`` does the same for one call.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from torch import nn
+    >>> model = add_vera(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2)
+    >>> with adapter_names(model, ["default", "__base__"]):
+    ...     y = model(torch.ones(4, 4))  # rows 0-1: default, rows 2-3: none
+    """
     state = get_state(model)
-    unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in state.settings})
-    if unknown:
-        raise ValueError(f"unknown adapters {unknown}; the model has {sorted(state.settings)}")
-    state.shared.batch_adapter_names = list(names)
+    rows = _batch_rows(model, state, names if isinstance(names, torch.Tensor) else list(names))
+    rows.expandable = True
+    previous = state.shared.rows
+    state.shared.rows = rows
     try:
         yield
     finally:
-        state.shared.batch_adapter_names = None
+        state.shared.rows = previous
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
-    """Remove an adapter (unmerged) and, when no adapter uses it any more, its projections."""
+    """Remove an adapter (unmerged); O(its own size). Its projections go when no adapter uses them."""
     state = get_state(model)
     settings = _check_adapter(state, name)
     layers = vera_layers(model)
     merged = [p for p, layer in layers.items() if name in layer.merged_adapters]
     if merged:
         raise RuntimeError(f"adapter {name!r} is merged into {merged}; unmerge it before deleting it")
-    for layer in layers.values():
-        if name in layer.adapters:
+    for path in settings.layers:
+        layer = layers.get(path)
+        if layer is not None and layer.has_adapter(name):
             layer.delete_adapter(name)
+    state.slots.remove(name)
     del state.settings[name]
+    del state.shared.specs[name]
+    key = settings.key
+    state.key_users[key.name] -= 1
+    if not state.key_users[key.name]:
+        del state.key_users[key.name]
+        state.projections.remove(key)
     if name in state.shared.active:
         state.shared.active.remove(name)
-    if not any(s.key == settings.key for s in state.settings.values()):
-        state.projections.remove(settings.key)
-    _set_trainable(model, state)
+        _set_trainable(model, state, layers.values())
+    state.shared.changed()
 
 
 def merge_adapter(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False) -> None:
     """Fold adapters (default: the active ones) into the base weights.
 
-    With ``safe=True`` every merged weight is computed and checked for NaN/inf first;
-    on failure a ValueError names the layer and no weight is changed.
+    Every layer is checked before any weight changes (which adapters may merge together,
+    their vectors). With ``safe=True`` every merged weight is also computed and checked
+    first: it must be finite and, for DVoRA, undoable by :func:`unmerge_adapter`; on
+    failure a ValueError names the layer and no weight is changed.
     """
     state = get_state(model)
     wanted = list(state.shared.active if names is None else names)
     for name in wanted:
         _check_adapter(state, name)
     layers = vera_layers(model)
-    if safe:
-        for path, layer in layers.items():
-            trial = [n for n in wanted if n in layer.adapters and n not in layer.merged_adapters]
-            if trial:
-                _dry_run_merge(path, layer, trial)
+    for path, layer in layers.items():
+        todo = [n for n in wanted if layer.has_adapter(n) and n not in layer.merged_adapters]
+        if not todo:
+            continue
+        dvora = [n for n in todo if layer.method_of(n) == "dvora"]
+        if dvora and (len(todo) > 1 or layer.merged_adapters):
+            raise RuntimeError(
+                f"layer {path!r}: a DVoRA adapter must be merged alone, onto an unmerged weight "
+                f"(merging {todo}, already merged {layer.merged_adapters}); no weight was changed"
+            )
+        layer.dense_weight("merging")
+        if safe:
+            try:
+                layer.merged_weight(todo)
+            except ValueError as error:
+                raise ValueError(f"layer {path!r}: {error}; no weight was changed") from error
     for layer in layers.values():
-        layer.merge(wanted, safe=False)
-
-
-def _dry_run_merge(path: str, layer: VeraLinear, names: list[str]) -> None:
-    weight = layer._dense_weight("merging").detach()
-    new = weight
-    for name in names:
-        A, B = layer._projections(name)
-        d, b = (v.detach() for v in layer._vectors(name))
-        try:
-            if layer.adapters[name].method == "dvora":
-                new, _ = vc.dvora_merge(
-                    new,
-                    A,
-                    B,
-                    layer.vera_magnitude[name].detach(),
-                    d,
-                    b,
-                    fan_in_fan_out=layer.fan_in_fan_out,
-                    safe=True,
-                )
-            else:
-                new = vc.merge(new, A, B, d, b, fan_in_fan_out=layer.fan_in_fan_out, safe=True)
-        except ValueError as error:
-            raise ValueError(f"layer {path!r}, adapter {name!r}: {error}; no weight was changed") from error
+        todo = [n for n in wanted if layer.has_adapter(n) and n not in layer.merged_adapters]
+        if todo:
+            layer.commit_merge(todo, *layer.merged_weight(todo))
 
 
 def unmerge_adapter(model: nn.Module) -> None:
-    """Undo every merge (up to rounding)."""
+    """Undo every merge (up to rounding); checked on every layer first, never writing NaN or infinity."""
     get_state(model)
-    for layer in vera_layers(model).values():
-        layer.unmerge()
+    layers = [layer for layer in vera_layers(model).values() if layer.merged_adapters]
+    for layer in layers:
+        layer.unmerged_weight()
+    for layer in layers:
+        layer.commit_unmerge(layer.unmerged_weight())
 
 
 def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     """Merge the active adapters and put the plain base layers back; returns the bare model.
+
+    Adapters that train their layer's bias write it into the base layer.
 
     Examples
     --------
@@ -518,6 +760,10 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     state = get_state(model)
     merge_adapter(model, safe=safe)
     for path, layer in vera_layers(model).items():
+        own = [n for n in state.shared.active if layer.has_adapter(n) and "bias" in layer.vectors(n)]
+        if own and layer.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(layer.vectors(own[0])["bias"])
         _replace(model, path, layer.base_layer)
     for hook in state._hooks:
         hook.remove()
@@ -527,7 +773,7 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
 
 @dataclasses.dataclass(frozen=True)
 class TrainableReport:
-    """Counts of trainable parameters."""
+    """Counts of trainable parameters (a bank's free rows are not counted)."""
 
     trainable: int
     total: int
@@ -542,13 +788,33 @@ class TrainableReport:
         return f"trainable params: {self.trainable:,d} || all params: {self.total:,d} || trainable%: {self.percent:.4f}"
 
 
+def _adapter_sizes(model: nn.Module) -> dict[str, int]:
+    sizes: dict[str, int] = {}
+    state = getattr(model, STATE_NAME, None)
+    if not isinstance(state, VeraState):
+        return sizes
+    for layer in vera_layers(model).values():
+        for bank in layer.banks():
+            for slot in bank.slots():
+                name = typing.cast(str, state.slots.name_at(slot))
+                kinds = 1 + (bank.methods[slot] == DVORA) + bank.own_bias[slot]
+                sizes[name] = sizes.get(name, 0) + bank.ranks[slot] + bank.out_features * kinds
+    return sizes
+
+
 def trainable_parameters(model: nn.Module) -> TrainableReport:
     """How many parameters train, overall and per adapter (shared projections are buffers, not counted)."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    by_adapter: dict[str, int] = {}
-    for layer in vera_layers(model).values():
-        for store in (layer.vera_lambda_d, layer.vera_lambda_b, layer.vera_magnitude):
-            for name, param in store.items():
-                by_adapter[name] = by_adapter.get(name, 0) + param.numel()
-    return TrainableReport(trainable, total, by_adapter)
+    plain = [p for n, p in model.named_parameters() if ".vera_banks." not in f".{n}"]
+    sizes = _adapter_sizes(model)
+    state = getattr(model, STATE_NAME, None)
+    active = set(state.shared.active) if isinstance(state, VeraState) and not state.shared.disabled else set()
+    banks_train = any(p.requires_grad for n, p in model.named_parameters() if ".vera_banks." in f".{n}")
+    trainable = sum(p.numel() for p in plain if p.requires_grad)
+    if banks_train:
+        trainable += sum(size for name, size in sizes.items() if name in active)
+    total = sum(p.numel() for p in plain) + sum(sizes.values())
+    return TrainableReport(trainable, total, sizes)
+
+
+def _banks(model: nn.Module) -> list[AdapterBank]:
+    return [bank for layer in vera_layers(model).values() for bank in layer.banks()]
