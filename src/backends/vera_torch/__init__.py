@@ -38,12 +38,14 @@ from vera_torch.model import (
     unmerge_adapter,
     vera_layers,
 )
+from vera_torch.optim import BankAdamW
 from vera_torch.peft import load_peft_adapter, save_peft_adapter
 from vera_torch.projections import ProjectionKey, ProjectionStore, peft_projections
 
 __all__ = [
     "BASE_ADAPTER",
     "AdapterBank",
+    "BankAdamW",
     "DvoraFunction",
     "ProjectionKey",
     "ProjectionStore",

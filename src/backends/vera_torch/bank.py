@@ -96,25 +96,41 @@ class AdapterBank(nn.Module):
         self.ranks = [0] * capacity
         self.own_bias = [False] * capacity
         self.detach_norm = [False] * capacity
-        self.rows_held = 0
-        self.dvora_rows = 0
-        """Rows holding a DVoRA adapter."""
-        self.own_bias_rows = 0
-        """Rows whose adapter trains its own bias."""
-        self.narrow_rows = 0
-        """Rows whose rank is below the bank's width (zero-padded ``lambda_d``)."""
+        # plain containers, mutated in place: a Module's attribute assignment is slow
+        self._counts = {"rows": 0, "dvora": 0, "own_bias": 0, "narrow": 0}
+        self._shape = [capacity, width]
         self._masks: dict[str, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ shape
     @property
     def capacity(self) -> int:
         """Rows held (free rows included)."""
-        return int(self.lambda_d.shape[0])
+        return self._shape[0]
 
     @property
     def width(self) -> int:
         """Columns of ``lambda_d``: the largest rank a row may have."""
-        return int(self.lambda_d.shape[1])
+        return self._shape[1]
+
+    @property
+    def rows_held(self) -> int:
+        """Rows holding an adapter."""
+        return self._counts["rows"]
+
+    @property
+    def dvora_rows(self) -> int:
+        """Rows holding a DVoRA adapter."""
+        return self._counts["dvora"]
+
+    @property
+    def own_bias_rows(self) -> int:
+        """Rows whose adapter trains its own bias."""
+        return self._counts["own_bias"]
+
+    @property
+    def narrow_rows(self) -> int:
+        """Rows whose rank is below the bank's width (zero-padded ``lambda_d``)."""
+        return self._counts["narrow"]
 
     @property
     def sparse(self) -> bool:
@@ -142,11 +158,12 @@ class AdapterBank(nn.Module):
             if kind != "lambda_d":
                 _resize_parameter(param, capacity, self.out_features)
         extra = capacity - len(self.methods)
-        self.methods += [NONE] * extra
-        self.ranks += [0] * extra
-        self.own_bias += [False] * extra
-        self.detach_norm += [False] * extra
-        self.narrow_rows = sum(1 for m, r in zip(self.methods, self.ranks, strict=True) if m and r < width)
+        self.methods.extend([NONE] * extra)
+        self.ranks.extend([0] * extra)
+        self.own_bias.extend([False] * extra)
+        self.detach_norm.extend([False] * extra)
+        self._shape[:] = [capacity, width]
+        self._counts["narrow"] = sum(1 for m, r in zip(self.methods, self.ranks, strict=True) if m and r < width)
         self._masks.clear()
 
     def _ensure(self, kind: str) -> nn.Parameter:
@@ -157,6 +174,11 @@ class AdapterBank(nn.Module):
             setattr(self, kind, param)
         return param
 
+    def freeze(self) -> None:
+        """No parameter of the bank requires grad (a new bank holds no active adapter yet)."""
+        for param in self.parameters_by_kind().values():
+            param.requires_grad_(False)
+
     # ------------------------------------------------------------------ rows
     def write(
         self,
@@ -164,20 +186,28 @@ class AdapterBank(nn.Module):
         method: int,
         rank: int,
         *,
-        lambda_d: torch.Tensor,
-        lambda_b: torch.Tensor,
+        lambda_d: torch.Tensor | float,
+        lambda_b: torch.Tensor | None = None,
         magnitude: torch.Tensor | None = None,
         bias: torch.Tensor | None = None,
         detach_norm: bool = False,
     ) -> None:
-        """Put one adapter's vectors into row ``slot`` (the caller checked shapes and values)."""
+        """Put one adapter's vectors into row ``slot`` (the caller checked shapes and values).
+
+        ``lambda_d`` may be a number (every entry of the rank gets it); ``lambda_b`` None
+        leaves it zero.
+        """
         if rank > self.width:
             self.grow(self.capacity, rank)
-        self._count(slot, -1)
-        with torch.no_grad():
-            self.lambda_d[slot].zero_()
-            self.lambda_d[slot, :rank] = lambda_d
-            self.lambda_b[slot] = lambda_b
+        if self.methods[slot]:
+            self.clear(slot)
+        with torch.no_grad():  # a free row is zero: only the adapter's own entries are written
+            if isinstance(lambda_d, torch.Tensor):
+                self.lambda_d[slot, :rank] = lambda_d
+            else:
+                self.lambda_d[slot, :rank].fill_(lambda_d)
+            if lambda_b is not None:
+                self.lambda_b[slot] = lambda_b
             if magnitude is not None:
                 self._ensure("magnitude")[slot] = magnitude
             if bias is not None:
@@ -201,10 +231,11 @@ class AdapterBank(nn.Module):
         """Update the row counters for the adapter in ``slot`` entering (+1) or leaving (-1)."""
         if not self.methods[slot]:
             return
-        self.rows_held += sign
-        self.dvora_rows += sign * (self.methods[slot] == DVORA)
-        self.own_bias_rows += sign * self.own_bias[slot]
-        self.narrow_rows += sign * (self.ranks[slot] < self.width)
+        counts = self._counts
+        counts["rows"] += sign
+        counts["dvora"] += sign * (self.methods[slot] == DVORA)
+        counts["own_bias"] += sign * self.own_bias[slot]
+        counts["narrow"] += sign * (self.ranks[slot] < self._shape[1])
 
     def slots(self) -> list[int]:
         """The rows that hold an adapter for this layer."""

@@ -292,7 +292,11 @@ class VeraLinear(nn.Module):
 
     def device(self) -> torch.device:
         """Where the base layer's tensors live."""
-        for tensor in (*self.base_layer.parameters(), *self.base_layer.buffers()):
+        base = self.base_layer
+        for tensor in (*base._parameters.values(), *base._buffers.values()):
+            if tensor is not None:
+                return tensor.device
+        for tensor in (*base.parameters(), *base.buffers()):
             return tensor.device
         return torch.device("cpu")
 
@@ -392,8 +396,12 @@ class VeraLinear(nn.Module):
         d_initial: float = 0.1,
         tensors: dict[str, torch.Tensor] | None = None,
         own_bias: bool = False,
-    ) -> dict[str, torch.Tensor]:
-        """Checked vectors for a new adapter on this layer (from ``tensors`` or initialised), not yet written."""
+    ) -> dict[str, Any]:
+        """Checked vectors for a new adapter on this layer (from ``tensors`` or initialised), not yet written.
+
+        An initial ``lambda_d`` is the number ``d_initial`` (the bank fills it in); an initial
+        ``lambda_b`` is left out (a new row is zero).
+        """
         device, dtype = self.device(), self.vector_dtype()
         tensors = tensors or {}
         expected = {"lambda_d": rank, "lambda_b": self.out_features, "magnitude": self.out_features}
@@ -402,10 +410,7 @@ class VeraLinear(nn.Module):
                 continue
             if kind not in expected or tuple(value.shape) != (expected[kind],):
                 raise ValueError(f"{kind} must have shape ({expected.get(kind)},), got {tuple(value.shape)}")
-        row = {
-            "lambda_d": tensors.get("lambda_d", torch.full((rank,), float(d_initial))),
-            "lambda_b": tensors.get("lambda_b", torch.zeros(self.out_features)),
-        }
+        row: dict[str, Any] = {kind: tensors[kind] for kind in ("lambda_d", "lambda_b") if kind in tensors}
         if method == "dvora":
             magnitude = tensors.get("magnitude")
             if magnitude is None:
@@ -417,7 +422,9 @@ class VeraLinear(nn.Module):
             row["bias"] = torch.zeros(self.out_features) if bias is None else bias
             if tuple(row["bias"].shape) != (self.out_features,):
                 raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(row['bias'].shape)}")
-        return {kind: value.detach().to(device=device, dtype=dtype) for kind, value in row.items()}
+        moved = {kind: value.detach().to(device=device, dtype=dtype) for kind, value in row.items()}
+        moved.setdefault("lambda_d", float(d_initial))
+        return moved
 
     def add_adapter(
         self,
@@ -429,9 +436,12 @@ class VeraLinear(nn.Module):
         d_initial: float = 0.1,
         tensors: dict[str, torch.Tensor] | None = None,
         own_bias: bool = False,
-        row: dict[str, torch.Tensor] | None = None,
-    ) -> None:
-        """Write an adapter's vectors into row ``slot`` of ``key``'s bank (the model checked the rest)."""
+        row: dict[str, Any] | None = None,
+    ) -> bool:
+        """Write an adapter's vectors into row ``slot`` of ``key``'s bank (the model checked the rest).
+
+        Returns whether the bank was made now (its parameters start frozen).
+        """
         if not key.covers(rank, self.in_features, self.out_features):
             raise ValueError(
                 f"a layer of {self.in_features} inputs, {self.out_features} outputs and rank {rank} does not fit "
@@ -439,10 +449,14 @@ class VeraLinear(nn.Module):
             )
         if row is None:
             row = self.new_row(method, rank, d_initial=d_initial, tensors=tensors, own_bias=own_bias)
+        made = key.name not in self.vera_banks
         bank = self.bank(key, self._state.slots.capacity)
+        if made:
+            bank.freeze()
         spec = self._state.specs.get(self._state.slots.name_at(slot) or "")
         detach = spec is not None and spec.detach_norm
         bank.write(slot, DVORA if method == "dvora" else VERA, rank, **row, detach_norm=detach)
+        return made
 
     def delete_adapter(self, name: str) -> None:
         """Zero adapter ``name``'s rows (it must not be merged)."""

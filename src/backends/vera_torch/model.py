@@ -148,15 +148,26 @@ def _output_head_names(model: nn.Module) -> set[str]:
 
 
 def candidates(model: nn.Module) -> dict[str, nn.Module]:
-    """Adaptable modules by path: wrapped layers by their wrapper path, our own modules excluded."""
+    """Adaptable modules by path, in ``named_modules`` order: wrapped layers by their wrapper path.
+
+    A :class:`VeraLinear`'s own submodules (its base layer, its banks) are not candidates;
+    the walk does not enter them, so it costs O(modules) whatever the adapters.
+    """
     out: dict[str, nn.Module] = {}
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name == s or name.startswith(s + ".") for s in skip):
+    seen: set[int] = {id(model)}
+    stack: list[tuple[str, nn.Module]] = [
+        (name, child) for name, child in reversed(model._modules.items()) if child is not None
+    ]
+    while stack:  # pre-order, as named_modules
+        path, module = stack.pop()
+        if id(module) in seen:
             continue
-        if isinstance(module, VeraLinear):
-            skip.append(name)  # its base_layer and banks are not separate candidates
-        out[name] = module
+        seen.add(id(module))
+        out[path] = module
+        if not isinstance(module, VeraLinear):
+            stack.extend(
+                (f"{path}.{name}", child) for name, child in reversed(module._modules.items()) if child is not None
+            )
     return out
 
 
@@ -440,7 +451,6 @@ def attach(model: nn.Module, prepared: PreparedAdapter, *, activate: bool | None
     )
     state.settings[settings.name] = settings
     state.key_users[key.name] = state.key_users.get(key.name, 0) + 1
-    touched = []
     for path, module in prepared.targets.items():
         layer = module if isinstance(module, VeraLinear) else VeraLinear(module, state.shared)
         layer.add_adapter(
@@ -448,12 +458,9 @@ def attach(model: nn.Module, prepared: PreparedAdapter, *, activate: bool | None
         )
         if layer is not module:
             _replace(model, path, layer)
-        touched.append(layer)
     if activate or (activate is None and not state.shared.active):
         state.shared.active.append(settings.name)
-        _set_trainable(model, state)
-    else:
-        _set_trainable_banks(state, touched)
+        _set_trainable(model, state)  # a new bank starts frozen, so an inactive adapter changes nothing
     state.shared.changed()
 
 
@@ -579,8 +586,9 @@ def active_adapters(model: nn.Module) -> list[str]:
 def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make ``names`` the active adapter(s); only their banks' rows train.
 
-    Several active adapters sum their outputs (PEFT's rule) and, in a mixed-adapter batch,
-    are the adapters whose rows train.
+    Several active adapters sum their outputs (PEFT's rule; a layer then takes at most one
+    DVoRA adapter and one adapter that trains its bias) and, in a mixed-adapter batch, are
+    the adapters whose rows train (any number, DVoRA included).
 
     Examples
     --------
@@ -599,13 +607,6 @@ def set_adapter(model: nn.Module, names: str | Sequence[str]) -> None:
     if len(set(wanted)) != len(wanted):
         raise ValueError(f"set_adapter got a name twice: {wanted}")
     layers = vera_layers(model)
-    for path, layer in layers.items():
-        dvora = [n for n in wanted if layer.has_adapter(n) and layer.method_of(n) == "dvora"]
-        if len(dvora) > 1:
-            raise ValueError(f"layer {path!r} would have two active DVoRA adapters {dvora}; at most one per layer")
-        own = [n for n in wanted if layer.has_adapter(n) and "bias" in layer.vectors(n)]
-        if len(own) > 1 and len(wanted) > 1:
-            raise ValueError(f"layer {path!r}: adapters {own} each train the layer's bias; activate one of them")
     state.shared.active[:] = wanted
     _set_trainable(model, state, layers.values())
     state.shared.changed()

@@ -40,8 +40,15 @@ class ProjectionKey(NamedTuple):
     @property
     def name(self) -> str:
         """A buffer-name-safe identifier."""
-        tag = self.checksum[:16] if self.checksum else str(self.seed)
-        return f"{self.prng_id.replace('-', '_')}_{tag}_r{self.r}_i{self.max_in}_o{self.max_out}"
+        name = _NAMES.get(self)
+        if name is None:
+            tag = self.checksum[:16] if self.checksum else str(self.seed)
+            name = _NAMES[self] = f"{self.prng_id.replace('-', '_')}_{tag}_r{self.r}_i{self.max_in}_o{self.max_out}"
+        return name
+
+
+_NAMES: dict[ProjectionKey, str] = {}
+"""Each key's name, made once (a hot path asks for it)."""
 
 
 def peft_projections(
