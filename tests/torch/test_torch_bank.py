@@ -80,7 +80,9 @@ def test_bank_adamw_trains_each_adapter_as_if_alone(dvora: bool) -> None:
         got, want = _vectors(model, name), _vectors(single, name)
         assert got.keys() == want.keys()
         for key in want:
-            torch.testing.assert_close(got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m, name=name, key=key: f"{name} {key}: {m}")
+            torch.testing.assert_close(
+                got[key], want[key], rtol=1e-4, atol=1e-5, msg=lambda m, name=name, key=key: f"{name} {key}: {m}"
+            )
 
 
 def test_bank_adamw_leaves_absent_rows_bit_identical() -> None:
@@ -146,3 +148,28 @@ def test_resident_bytes_stay_close_to_the_vectors() -> None:
         for p in bank.parameters_by_kind().values()
     )
     assert vectors <= resident <= 1.06 * vectors
+
+
+def test_pager_serves_many_files_with_bounded_memory(tmp_path) -> None:
+    """20 adapters on disk, at most 4 resident: every batch equals a model holding all 20."""
+    full = _lm()
+    names = [f"user{i}" for i in range(20)]
+    for i, name in enumerate(names):
+        vt.add_vera(full, "all-linear", r=4, adapter_name=name, dvora=i % 5 == 0)
+    randomize_vectors(full)
+    for name in names:
+        vt.save_adapter(full, tmp_path / f"{name}.safetensors", name)
+    pager = vt.AdapterPager(_lm(), tmp_path, capacity=4)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(12):
+        batch = [names[int(i)] for i in torch.randint(0, 20, (3,), generator=generator)] + ["__base__"]
+        ids = _ids(batch=len(batch))
+        with pager.rows(batch):
+            got = pager.model(ids)
+        torch.testing.assert_close(got, full(ids, adapter_names=batch), rtol=1e-5, atol=1e-5)
+        assert len(pager.resident()) <= 4 and pager.model.vera_state.slots.capacity == 4
+    assert pager.evictions > 0 and pager.loads == pager.evictions + len(pager.resident())
+    with pytest.raises(ValueError, match="does not fit capacity=4"):
+        pager.ensure(names[:5])
+    with pytest.raises(FileNotFoundError, match="no adapter 'nobody'"):
+        pager.ensure(["nobody"])

@@ -33,18 +33,21 @@ from vera_torch.model import (
     list_adapters,
     merge_adapter,
     merge_and_unload,
+    reserve,
     set_adapter,
     trainable_parameters,
     unmerge_adapter,
     vera_layers,
 )
 from vera_torch.optim import BankAdamW
+from vera_torch.paging import AdapterPager
 from vera_torch.peft import load_peft_adapter, save_peft_adapter
 from vera_torch.projections import ProjectionKey, ProjectionStore, peft_projections
 
 __all__ = [
     "BASE_ADAPTER",
     "AdapterBank",
+    "AdapterPager",
     "BankAdamW",
     "DvoraFunction",
     "ProjectionKey",
@@ -66,6 +69,7 @@ __all__ = [
     "merge_adapter",
     "merge_and_unload",
     "peft_projections",
+    "reserve",
     "save_adapter",
     "save_peft_adapter",
     "set_adapter",

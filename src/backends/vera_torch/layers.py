@@ -702,8 +702,8 @@ class VeraLinear(nn.Module):
             gathered = torch.where(rows.trainable, gathered, gathered.detach())
         return gathered
 
-    def _dvora_row_scale(self, bank: AdapterBank, rows: BatchRows, scale: torch.Tensor | None) -> torch.Tensor:
-        """Per row ``m / n`` of its DVoRA adapter in this bank (one for other rows).
+    def _dvora_row_scale(self, bank: AdapterBank, rows: BatchRows, scale: torch.Tensor | None) -> torch.Tensor | None:
+        """Per row ``m / n`` of its DVoRA adapter in this bank (one for other rows; None: all ones).
 
         The norms are computed once per distinct DVoRA adapter of the batch (Gram form), then
         gathered per row.
@@ -711,6 +711,8 @@ class VeraLinear(nn.Module):
         device = rows.safe.device
         is_dvora = bank.mask("dvora", device)[rows.safe] & (rows.index >= 0)
         used = torch.unique(rows.safe[is_dvora])
+        if used.shape[0] == 0:
+            return scale
         d_used = self._gathered(bank, rows, "lambda_d", used)
         if bank.narrow_rows:
             d_used = d_used * bank.mask("rank", device)[used]

@@ -46,6 +46,7 @@ __all__ = [
     "list_adapters",
     "merge_adapter",
     "merge_and_unload",
+    "reserve",
     "set_adapter",
     "trainable_parameters",
     "unmerge_adapter",
@@ -367,6 +368,24 @@ def _grow(model: nn.Module, state: VeraState, capacity: int) -> None:
             for bank in layer.banks():
                 bank.grow(capacity)
         state.slots.reserve(capacity)
+
+
+def reserve(model: nn.Module, adapters: int) -> None:
+    """Make room for ``adapters`` adapters in all: every bank then holds exactly that many rows.
+
+    Adding adapters one by one grows the banks geometrically (at most ~5% spare rows); a bulk
+    load or a pager that knows its size reserves it once instead. Never shrinks.
+
+    Examples
+    --------
+    >>> from torch import nn
+    >>> model = add_vera(nn.Sequential(nn.Linear(4, 4)), ["0"], r=2)
+    >>> reserve(model, 100); model.vera_state.slots.capacity
+    100
+    """
+    if not isinstance(adapters, int) or isinstance(adapters, bool) or adapters <= 0:
+        raise ValueError(f"adapters must be a positive int, got {adapters!r}")
+    _grow(model, get_state(model), adapters)
 
 
 @dataclasses.dataclass
