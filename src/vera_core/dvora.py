@@ -571,6 +571,11 @@ def dvora_merge(
 ) -> tuple[Any, Any]:
     """A new weight ``m * (W0 + dW) / n``, and ``n`` (keep it: :func:`dvora_unmerge` needs it).
 
+    With ``safe=True`` the merge is refused (ValueError, nothing returned) unless the merged
+    weight is finite and :func:`dvora_unmerge` recovers ``W0`` from it: a magnitude of zero,
+    or so small that the merged rows lose their digits (``m = 1e-40`` in float32), cannot be
+    undone.
+
     Examples
     --------
     >>> import numpy as xp
@@ -588,7 +593,36 @@ def dvora_merge(
     merged = lr.cast(xp, V * (scale[None, :] if fan_in_fan_out else scale[:, None]), weight.dtype)
     if safe:
         check_finite(xp, "the merged weight", merged)
+        _check_undoable(xp, weight, merged, n, A, B, magnitude, lambda_d, lambda_b, fan_in_fan_out)
     return merged, n
+
+
+def _check_undoable(
+    xp: Any,
+    weight: Any,
+    merged: Any,
+    n: Any,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    fan_in_fan_out: bool,
+) -> None:
+    """Raise ValueError unless unmerging ``merged`` gives back ``weight`` to a few units of its precision."""
+    if bool(xp.any(magnitude == 0)):
+        raise ValueError("magnitude has zeros: those rows of the merged weight are zero and cannot be unmerged")
+    recovered = dvora_unmerge(merged, n, A, B, magnitude, lambda_d, lambda_b, fan_in_fan_out=fan_in_fan_out)
+    work = lr.wider(xp, weight.dtype)
+    original = lr.cast(xp, weight, work)
+    error = xp.sqrt(xp.sum((lr.cast(xp, recovered, work) - original) ** 2))
+    size = xp.sqrt(xp.sum(original**2))
+    tolerance = 8 * float(xp.finfo(weight.dtype).eps)
+    if not bool(xp.isfinite(error)) or float(error) > tolerance * float(size):
+        raise ValueError(
+            "unmerging this weight would not recover W0 (magnitudes too small for the weight's precision); "
+            "refusing a merge that cannot be undone (merge with safe=False to force)"
+        )
 
 
 def dvora_unmerge(

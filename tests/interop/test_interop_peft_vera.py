@@ -52,8 +52,15 @@ def _logits(model):
 
 
 def _randomize(model, seed=0):
+    """Random vectors for a PEFT model's ``vera_lambda_*`` parameters or a vera_torch model's bank rows."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
+        if hasattr(model, "vera_state"):
+            for layer in vt.vera_layers(model).values():
+                for name in layer.adapter_names():
+                    for vector in layer.vectors(name).values():
+                        vector.copy_(torch.randn(vector.shape, generator=g) * 0.5)
+            return
         for name, param in model.named_parameters():
             if "vera_lambda" in name:
                 param.copy_(torch.randn(param.shape, generator=g) * 0.5)
@@ -171,3 +178,25 @@ def test_bias_all_moves_every_trained_bias_both_ways(tmp_path):
     vt.save_peft_adapter(ours, tmp_path / "back")
     reloaded = peft.PeftModel.from_pretrained(copy.deepcopy(model), tmp_path / "back").eval()
     torch.testing.assert_close(_logits(reloaded), _logits(peft_model), **TOL)
+
+
+@pytest.mark.parametrize("arch", ["tiny", "llama-linear"])
+def test_a_second_adapter_on_fewer_layers_exports_for_peft(tmp_path, arch):
+    """PEFT sizes A and B from the adapter's own layers: the export stores those leading blocks."""
+    if arch == "tiny":
+        torch.manual_seed(0)
+        base, first, subset = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 16)), ["0", "1"], ["0"]
+        x = torch.randn(3, 8)
+        run = lambda m: m(x)  # noqa: E731
+    else:
+        base, first = _llama()
+        subset = ["q_proj"]
+        run = _logits
+    ours = vt.add_vera(copy.deepcopy(base), first, r=4, seed=0)
+    vt.add_vera(ours, subset, r=4, seed=0, adapter_name="small")
+    _randomize(ours, seed=5)
+    vt.set_adapter(ours, "small")
+    vt.save_peft_adapter(ours, tmp_path, adapter_name="small")
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(run(loaded), run(ours), **TOL)

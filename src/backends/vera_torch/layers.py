@@ -739,8 +739,11 @@ class VeraLinear(nn.Module):
         return torch.where(own, gathered, fallback)
 
     # ------------------------------------------------------------------ merging
-    def merged_weight(self, names: list[str]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The weight with ``names`` folded in, and the DVoRA norms to keep (nothing is changed)."""
+    def merged_weight(self, names: list[str], *, safe: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The weight with ``names`` folded in, and the DVoRA norms to keep (nothing is changed).
+
+        ``safe``: ValueError when the result is not finite or, for DVoRA, cannot be unmerged.
+        """
         weight = self.dense_weight("merging")
         todo = [n for n in names if self.has_adapter(n) and n not in self.merged_adapters]
         if any(self.method_of(n) == "dvora" for n in todo) and (len(todo) > 1 or self.merged_adapters):
@@ -759,11 +762,11 @@ class VeraLinear(nn.Module):
                     vectors["lambda_d"],
                     vectors["lambda_b"],
                     fan_in_fan_out=self.fan_in_fan_out,
-                    safe=True,
+                    safe=safe,
                 )
             else:
                 new = vc.merge(
-                    new, A, B, vectors["lambda_d"], vectors["lambda_b"], fan_in_fan_out=self.fan_in_fan_out, safe=True
+                    new, A, B, vectors["lambda_d"], vectors["lambda_b"], fan_in_fan_out=self.fan_in_fan_out, safe=safe
                 )
         return new, norms
 

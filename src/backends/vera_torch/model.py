@@ -751,7 +751,7 @@ def merge_adapter(model: nn.Module, names: Sequence[str] | None = None, *, safe:
     for layer in layers.values():
         todo = [n for n in wanted if layer.has_adapter(n) and n not in layer.merged_adapters]
         if todo:
-            layer.commit_merge(todo, *layer.merged_weight(todo))
+            layer.commit_merge(todo, *layer.merged_weight(todo, safe=safe))
 
 
 def unmerge_adapter(model: nn.Module) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import typing
 
 from torch import nn
 
@@ -71,11 +72,18 @@ def load_peft_adapter(
 def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], adapter_name: str = "default") -> None:
     """Write one VeRA adapter as a PEFT folder that ``peft.PeftModel.from_pretrained`` loads.
 
-    The projections are stored (PEFT >= 0.21 reads them back); a layer of rank below the
-    shared rank has ``lambda_d`` zero-padded (exact). DVoRA adapters cannot be exported
-    (PEFT has no DVoRA): AdapterFileError.
+    The projections are stored (PEFT >= 0.21 reads them back), sized like PEFT sizes them:
+    over the adapter's own layers (a second adapter on fewer layers than the model's first
+    stores the leading blocks of the shared pair, which is all its layers use). A layer of
+    rank below the shared rank has ``lambda_d`` zero-padded (exact). DVoRA adapters cannot be
+    exported (PEFT has no DVoRA): AdapterFileError.
     """
     config = adapter_config(model, adapter_name)
     tensors = adapter_tensors(model, adapter_name, config)
     A, B = get_state(model).projections.get(get_state(model).settings[adapter_name].key)
+    # PEFT sizes its pair from the adapter's own layers; the leading blocks are what they use
+    max_in = max(typing.cast(int, spec.in_features) for spec in config.layers.values())
+    max_out = max(spec.out_features for spec in config.layers.values())
+    config = dataclasses.replace(config, max_in=max_in, max_out=max_out)
+    A, B = A[:, :max_in], B[:max_out, :]
     write_peft_folder(folder, config, tensors, A.detach().cpu(), B.detach().cpu(), framework="torch")
