@@ -14,6 +14,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
+TRANSFORMERS = "transformers>=4.45,<6"  # the FSDP2 tests build a tiny Llama from its config
 TEST_EXTRAS = "testing,demo"
 PYTEST = ("pytest", "-q", "-p", "no:cacheprovider")
 
@@ -21,7 +22,7 @@ PYTEST = ("pytest", "-q", "-p", "no:cacheprovider")
 BACKENDS = {
     "numpy": ("numpy", [], "numpy"),
     "strict": ("strict", [], "array_api_strict"),
-    "torch": ("torch", [TORCH], "torch,torch-cuda"),
+    "torch": ("torch", [TORCH, TRANSFORMERS], "torch,torch-cuda"),
     "jax": ("jax", [], "jax"),
     "cupy": ("cupy", [], "cupy"),
 }

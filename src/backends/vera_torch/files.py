@@ -8,6 +8,7 @@ checksum must match the file's, or loading fails before the model is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from vera_core.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
+from vera_torch.distributed import copy_into, host_copy, is_sharded, write_once
 from vera_torch.layers import layer_dims
 from vera_torch.model import (
     AdapterSettings,
@@ -35,7 +37,7 @@ from vera_torch.model import (
 )
 from vera_torch.projections import ProjectionKey, checksum, generate
 
-__all__ = ["adapter_config", "adapter_tensors", "load_adapter", "save_adapter"]
+__all__ = ["adapter_config", "adapter_parameters", "adapter_tensors", "load_adapter", "restore_adapter", "save_adapter"]
 
 
 def adapter_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
@@ -81,22 +83,37 @@ def _other_biases(model: nn.Module, layers: Mapping[str, LayerSpec]) -> dict[str
     }
 
 
-def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
-    """The adapter's vectors (and biases when trained) as CPU tensors under file names."""
-    tensors: dict[str, torch.Tensor] = {}
+def adapter_parameters(model: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, torch.Tensor | None]:
+    """The model's live tensors behind each file entry of one adapter (None: a bias the layer lacks).
+
+    Under FSDP2 these are ``DTensor`` shards; :func:`adapter_tensors` gathers them.
+    """
+    tensors: dict[str, torch.Tensor | None] = {}
     layers = vera_layers(model)
     for path in config.layers:
         layer = layers[path]
-        tensors[f"{path}.lambda_d"] = layer.vera_lambda_d[adapter_name].detach().cpu()
-        tensors[f"{path}.lambda_b"] = layer.vera_lambda_b[adapter_name].detach().cpu()
+        tensors[f"{path}.lambda_d"] = layer.vera_lambda_d[adapter_name]
+        tensors[f"{path}.lambda_b"] = layer.vera_lambda_b[adapter_name]
         if config.method == "dvora":
-            tensors[f"{path}.magnitude"] = layer.vera_magnitude[adapter_name].detach().cpu()
+            tensors[f"{path}.magnitude"] = layer.vera_magnitude[adapter_name]
         if config.bias != "none":
-            bias = layer.bias
-            tensors[f"{path}.bias"] = bias.detach().cpu() if bias is not None else torch.zeros(layer.out_features)
+            tensors[f"{path}.bias"] = layer.bias
     for path in config.bias_modules:
-        bias = model.get_submodule(path).get_parameter("bias")
-        tensors[f"{path}.bias"] = bias.detach().cpu()
+        tensors[f"{path}.bias"] = model.get_submodule(path).get_parameter("bias")
+    return tensors
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """The adapter's vectors (and biases when trained) as CPU tensors under file names.
+
+    On a model with FSDP2 shards this is a collective (each vector is gathered, nothing else).
+    """
+    layers = vera_layers(model)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, tensor in adapter_parameters(model, adapter_name, config).items():
+        if tensor is None:  # a trained bias of a layer without one: zeros in the file
+            tensor = torch.zeros(layers[name[: -len(".bias")]].out_features)
+        tensors[name] = host_copy(tensor)
     return tensors
 
 
@@ -117,6 +134,12 @@ def save_adapter(
         Also store A and B (needed for projections that cannot be regenerated, such as
         ones loaded from a file; forced then).
 
+    Notes
+    -----
+    On a model sharded with FSDP2 (``fully_shard``) every rank calls this: only the
+    adapter's vectors are gathered, and global rank 0 writes the file, which holds what
+    the same model in one process would write.
+
     Examples
     --------
     >>> import os, tempfile
@@ -134,7 +157,7 @@ def save_adapter(
         A, B = get_state(model).projections.get(key)
         tensors[PROJECTION_KEYS[0]] = A.detach().cpu().contiguous()
         tensors[PROJECTION_KEYS[1]] = B.detach().cpu().contiguous()
-    save_adapter_file(path, config, tensors, framework="torch")
+    write_once(lambda: save_adapter_file(path, config, tensors, framework="torch"), is_sharded(model.parameters()))
     return config
 
 
@@ -226,6 +249,69 @@ def load_adapter(
 
         set_adapter(model, adapter_name)
     return config
+
+
+def restore_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> AdapterConfig:
+    """Copy a saved adapter's vectors into the model's existing adapter of the same layout (resume).
+
+    Where :func:`load_adapter` adds a new adapter, this writes into the vectors that
+    :func:`vera_torch.add_vera` made, so it also serves a model already sharded with FSDP2:
+    every rank reads the file and keeps its own part of each vector (nothing is
+    communicated), and the vectors stay in FSDP's parameter groups, so they keep training
+    in sync. The file must describe the same adapter (method, rank, projections, bias mode,
+    layers); everything is checked before a vector changes, else
+    :class:`vera_core.adapter_file.AdapterFileError` lists the differences.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> from vera_torch import add_vera
+    >>> model = add_vera(nn.Sequential(nn.Linear(8, 4)), ["0"], r=2)
+    >>> f = os.path.join(tempfile.mkdtemp(), "adapter.safetensors")
+    >>> with torch.no_grad():
+    ...     _ = model[0].vera_lambda_b["default"].fill_(0.5)
+    >>> _ = save_adapter(model, f)
+    >>> with torch.no_grad():
+    ...     _ = model[0].vera_lambda_b["default"].zero_()
+    >>> _ = restore_adapter(model, f)
+    >>> model[0].vera_lambda_b["default"].tolist()
+    [0.5, 0.5, 0.5, 0.5]
+    """
+    current = adapter_config(model, adapter_name)
+    config, tensors = load_adapter_file(path, framework="torch")
+    problems = _layout_differences(current, config)
+    if problems:
+        raise AdapterFileError(
+            f"{path} does not describe the model's adapter {adapter_name!r} (nothing was changed):\n  "
+            + "\n  ".join(problems)
+        )
+    for name, target in adapter_parameters(model, adapter_name, current).items():
+        if target is not None:
+            copy_into(target, tensors[name])
+    return config
+
+
+def _layout_differences(current: AdapterConfig, stored: AdapterConfig) -> list[str]:
+    """How a stored adapter's layout differs from the model's adapter (empty: the same)."""
+    problems = [
+        f"{field}: the file has {getattr(stored, field)!r}, the model {getattr(current, field)!r}"
+        for field in ("method", "r", "seed", "prng_id", "max_out", "bias", "bias_modules")
+        if getattr(stored, field) != getattr(current, field)
+    ]
+    if stored.max_in is not None and stored.max_in != current.max_in:
+        problems.append(f"max_in: the file has {stored.max_in}, the model {current.max_in}")
+    if stored.projections_sha256 not in (None, current.projections_sha256):
+        problems.append("the projections' checksums differ")
+    if set(stored.layers) != set(current.layers):
+        problems.append(f"layers: the file has {sorted(stored.layers)}, the model {sorted(current.layers)}")
+    for path in sorted(set(stored.layers) & set(current.layers)):
+        mine, theirs = current.layers[path], stored.layers[path]
+        if theirs.in_features is None:
+            theirs = dataclasses.replace(theirs, in_features=mine.in_features)
+        if theirs != mine:
+            problems.append(f"{path}: the file has {theirs}, the model {mine}")
+    return problems
 
 
 def _load_into(
