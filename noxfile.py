@@ -53,7 +53,7 @@ def interop(session: nox.Session) -> None:
 @nox.session
 def bnb(session: nox.Session) -> None:
     """Quantized bases: bitsandbytes 4-bit and 8-bit layers on the CPU (the other sessions skip these tests)."""
-    session.install(TORCH, "bitsandbytes==0.50.2", "-e", f".[torch,{TEST_EXTRAS}]")
+    session.install(TORCH, TRANSFORMERS, "bitsandbytes==0.50.2", "-e", f".[torch,{TEST_EXTRAS}]")
     tests = ("tests/torch/test_torch_bnb.py", "src/backends/vera_torch/quantized.py")
     session.run(*PYTEST, *tests, *session.posargs, env={"VERA_BACKENDS": "torch", "HYPOTHESIS_PROFILE": "ci"})
 

@@ -316,3 +316,21 @@ def test_vera_trains_on_nf4_and_its_file_loads_onto_the_dense_base(tmp_path):
 
 def _bases(model):
     return [m.base_layer if isinstance(m, vt.VeraLinear) else m for m in model]
+
+
+def test_docs_recipe_runs(tmp_path, monkeypatch, capsys):
+    """docs/quantized.md's recipe, as written: a 4-bit model from Hugging Face's BitsAndBytesConfig,
+    VeRA trained on it, an evaluation pass, the adapter merged into the 16-bit model."""
+    import re
+    import tempfile
+    from pathlib import Path
+
+    pytest.importorskip("transformers")
+    page = (Path(__file__).resolve().parents[2] / "docs" / "quantized.md").read_text()
+    (script,) = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # its checkpoint goes under tmp_path
+    exec(compile(script, "docs/quantized.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert "nf4\n" in printed and "loss falls: True" in printed
+    difference = float(re.search(r"merged 16-bit one differ by ([\d.]+)", printed).group(1))
+    assert 0 < difference < 0.5
