@@ -43,6 +43,13 @@ def run(tmp_path_factory, worker):
     return torch.load(out / "results.pt"), out
 
 
+def scenario(run, method, name):
+    """Rank 0's results for ``method``, after checking that the scenario ran without an error."""
+    r = run[0][method]
+    assert name not in r["errors"], f"the {name} scenario failed on rank 0:\n{r['errors'][name]}"
+    return r
+
+
 def _assert_vectors_close(actual, expected, **tolerance):
     assert actual.keys() == expected.keys()
     for name in expected:
@@ -61,8 +68,7 @@ def test_training_equals_one_process(run, worker, method):
     gradient): three steps of lr = 1e-2 give atol 3e-5. A real difference in the training
     (an unsynchronised or mis-scaled gradient) moves vectors by ~lr per step.
     """
-    results, _ = run
-    r = results[method]
+    r = scenario(run, method, "train")
     assert r["vectors_sharded"], "the vectors should be DTensor shards under fully_shard"
     model = worker.make_model(method)
     reference = worker.train(model, worker.data())
@@ -84,7 +90,7 @@ def test_bfloat16_mixed_precision_keeps_float32_vectors_and_loss_falls(run, meth
     The vectors stay float32 shards with float32 gradients (FSDP2 casts them for the
     compute only); six AdamW steps on a fixed batch lower the loss.
     """
-    r = run[0][method]
+    r = scenario(run, method, "mixed")
     assert r["mixed_dtypes"] == ["torch.float32"]
     assert r["mixed_grad_dtypes"] == ["torch.float32"]
     losses = [float(v) for v in r["mixed"]["losses"]]
@@ -97,9 +103,8 @@ def test_projections_regenerated_identical_never_sharded_or_broadcast(run, worke
     """Every rank regenerates the same projections (checksums equal to this process's); they are
     no parameter, buffer or state_dict entry (so FSDP neither shards nor broadcasts them), and
     building the adapted model issues no collective."""
-    results, _ = run
-    r = results[method]
-    probe = results["probe"]
+    r = scenario(run, method, "train")
+    probe = run[0]["probe"]
     assert probe and any("broadcast" in name for name, _ in probe), "the collective probe sees nothing"
     assert r["collectives_building"] == []
     model = worker.make_model(method)
@@ -119,7 +124,7 @@ def vt_checksums(model):
 def test_activation_checkpointing(run, method):
     """Gradient checkpointing under FSDP2 (adapter dropout on): the recomputed forward uses the
     same dropout masks, so training matches the run without it; each layer ran twice."""
-    r = run[0][method]
+    r = scenario(run, method, "checkpointing")
     plain, checkpointed = r["checkpointing_False"], r["checkpointing_True"]
     assert checkpointed["forwards"] == 2 * plain["forwards"] > 0
     _assert_vectors_close(checkpointed["vectors"], plain["vectors"], rtol=1e-6, atol=1e-7)
@@ -150,8 +155,8 @@ def test_saving_from_sharded_model_writes_one_process_file(run, worker, method, 
     nothing but vectors: at most 64 numbers each, where a base weight's shard alone has 512."""
     import vera_torch as vt
 
-    results, out = run
-    r = results[method]
+    out = run[1]
+    r = scenario(run, method, "train")
     model = worker.make_model(method)
     params = worker.trainable(model)
     with torch.no_grad():
@@ -175,8 +180,8 @@ def test_loading_into_sharded_model(run, worker, method):
     ``load_adapter`` adds the file as a new adapter to a sharded base: the same outputs."""
     import vera_torch as vt
 
-    results, out = run
-    r = results[method]
+    out = run[1]
+    r = scenario(run, method, "loading")
     ids = worker.data()
     reference = worker.make_base()
     vt.load_adapter(reference, out / f"{method}-to-load.safetensors")

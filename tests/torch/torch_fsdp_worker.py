@@ -7,6 +7,7 @@ the same functions.
 
 from __future__ import annotations
 
+import traceback
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -161,68 +162,81 @@ def run(rank: int, world: int, store_path: str, out_dir: str) -> None:
 
 
 def _run_scenarios(rank: int, world: int, out: Path) -> None:
-    from torch.distributed.fsdp import MixedPrecisionPolicy
-
-    from vera_torch.distributed import is_sharded
-
     ids = data()
     local = ids[rank * GLOBAL_BATCH // world : (rank + 1) * GLOBAL_BATCH // world]
     results: dict[str, Any] = {"world": world}
     with Collectives() as probe:  # the probe itself must see a collective
         dist.broadcast(torch.zeros(3), src=0)
     results["probe"] = probe.calls
+    scenarios = {"train": _train_and_save, "mixed": _mixed, "checkpointing": _checkpointing, "loading": _loading}
     for method in METHODS:
-        # training equals one process; projections regenerated, never sharded; saving gathers only vectors
-        with Collectives() as building:
-            model = make_model(method)
-        before = projection_facts(model)
-        shard(model)
-        r: dict[str, Any] = {
-            "collectives_building": building.calls,
-            "checksums": vt.check_projections_identical(model),
-            "projections_before": before,
-            "projections_after": projection_facts(model),
-            "vectors_sharded": is_sharded(trainable(model).values()),
-        }
-        r.update(train(model, local))
-        r["vectors"] = vectors(model)
-        with Collectives() as saving:
-            vt.save_adapter(model, out / f"{method}-sharded.safetensors")
-        r["collectives_saving"] = saving.calls
-
-        # bfloat16 parameters and float32 reductions; float32 vectors on a bfloat16 base
-        mixed = shard(
-            make_model(method, dtype=torch.bfloat16),
-            mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
-        )
-        r["mixed_dtypes"] = sorted({str(p.dtype) for p in trainable(mixed).values()})
-        r["mixed"] = train(mixed, local, steps=6)
-        r["mixed_grad_dtypes"] = sorted({str(p.grad.dtype) for p in trainable(mixed).values()})
-
-        # activation checkpointing: the same training, each layer's forward run twice
-        for checkpointing in (False, True):
-            model = make_model(method, dropout=0.1)
-            if checkpointing:
-                enable_checkpointing(model)
-            shard(model)
-            count = _forward_counter(model)
-            torch.manual_seed(100 + rank)  # the dropout masks: the same in both runs of this rank
-            train(model, local, steps=2)
-            r[f"checkpointing_{checkpointing}"] = {"vectors": vectors(model), "forwards": count[0]}
-
-        # loading: into the sharded model's own adapter (restore), and as a new adapter (load)
-        saved = out / f"{method}-to-load.safetensors"
-        model = shard(make_model(method, vectors_seed=6))
-        vt.restore_adapter(model, saved)
-        with torch.no_grad():
-            r["restored_logits"] = model(input_ids=ids).logits
-        train(model, local, steps=2)
-        r["restored_vectors"] = vectors(model)
-        model = shard(make_base())
-        vt.load_adapter(model, saved)
-        with torch.no_grad():
-            r["loaded_logits"] = model(input_ids=ids).logits
-        r["loaded_vectors_sharded"] = is_sharded(trainable(model).values())
+        r: dict[str, Any] = {"errors": {}}
+        for name, scenario in scenarios.items():  # a failing scenario is recorded; the others still run
+            try:
+                scenario(r, method, ids, local, out)
+            except Exception:
+                r["errors"][name] = traceback.format_exc()
         results[method] = r
     if rank == 0:
         torch.save(results, out / "results.pt")
+
+
+def _train_and_save(r: dict[str, Any], method: str, ids: torch.Tensor, local: torch.Tensor, out: Path) -> None:
+    """Training equals one process; projections regenerated, never sharded; saving gathers only vectors."""
+    from vera_torch.distributed import is_sharded
+
+    with Collectives() as building:
+        model = make_model(method)
+    r["collectives_building"] = building.calls
+    r["projections_before"] = projection_facts(model)
+    shard(model)
+    r["projections_after"] = projection_facts(model)
+    r["vectors_sharded"] = is_sharded(trainable(model).values())
+    r["checksums"] = vt.check_projections_identical(model)
+    r.update(train(model, local))
+    r["vectors"] = vectors(model)
+    with Collectives() as saving:
+        vt.save_adapter(model, out / f"{method}-sharded.safetensors")
+    r["collectives_saving"] = saving.calls
+
+
+def _mixed(r: dict[str, Any], method: str, ids: torch.Tensor, local: torch.Tensor, out: Path) -> None:
+    """bfloat16 parameters and float32 reductions; float32 vectors on a bfloat16 base."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mixed = shard(make_model(method, dtype=torch.bfloat16), mp_policy=policy)
+    r["mixed_dtypes"] = sorted({str(p.dtype) for p in trainable(mixed).values()})
+    r["mixed"] = train(mixed, local, steps=6)
+    r["mixed_grad_dtypes"] = sorted({str(p.grad.dtype) for p in trainable(mixed).values()})
+
+
+def _checkpointing(r: dict[str, Any], method: str, ids: torch.Tensor, local: torch.Tensor, out: Path) -> None:
+    """Activation checkpointing: the same training, each layer's forward run twice."""
+    for checkpointing in (False, True):
+        model = make_model(method, dropout=0.1)
+        if checkpointing:
+            enable_checkpointing(model)
+        shard(model)
+        count = _forward_counter(model)
+        torch.manual_seed(100 + dist.get_rank())  # the dropout masks: the same in both runs of this rank
+        train(model, local, steps=2)
+        r[f"checkpointing_{checkpointing}"] = {"vectors": vectors(model), "forwards": count[0]}
+
+
+def _loading(r: dict[str, Any], method: str, ids: torch.Tensor, local: torch.Tensor, out: Path) -> None:
+    """Into the sharded model's own adapter (restore_adapter), and as a new adapter (load_adapter)."""
+    from vera_torch.distributed import is_sharded
+
+    saved = out / f"{method}-to-load.safetensors"
+    model = shard(make_model(method, vectors_seed=6))
+    vt.restore_adapter(model, saved)
+    with torch.no_grad():
+        r["restored_logits"] = model(input_ids=ids).logits
+    train(model, local, steps=2)
+    r["restored_vectors"] = vectors(model)
+    model = shard(make_base())
+    vt.load_adapter(model, saved)
+    with torch.no_grad():
+        r["loaded_logits"] = model(input_ids=ids).logits
+    r["loaded_vectors_sharded"] = is_sharded(trainable(model).values())
