@@ -19,9 +19,9 @@ from vera_torch import quantized as vq  # noqa: E402
 
 KINDS = ("nf4", "fp4", "int8")
 FOUR_BIT = ("nf4", "fp4")
-# multiples of 32 (outputs) and of the block size 64 (inputs, in both layers of the model below): bitsandbytes'
-# CPU repacking asserts the first and fails on inputs that are not a multiple of the second
-OUT, IN = 128, 64
+# bitsandbytes' CPU repacking asserts outputs a multiple of 32 and fails on inputs not a multiple of the
+# block size 64 (both layers of the model below qualify); three blocks a row exercise the scales' layout
+OUT, IN = 128, 192
 AVX512_BF16 = bool(bnb.functional.has_avx512bf16())
 
 

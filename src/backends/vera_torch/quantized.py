@@ -113,7 +113,7 @@ def _four_bit_codes(module: Any) -> tuple[torch.Tensor, torch.Tensor, Any]:
     state = weight.quant_state
     if _is_repacked(state):
         scratch = copy.copy(state)  # the inverse edits the state it is given; never the layer's
-        scratch.original_nested = False  # keep the bfloat16 scales as they are (no lossy re-nesting)
+        scratch.original_nested = False  # skip its re-nesting of the scales: the layer's own are read below
         codes, _ = bnb.functional._convert_weight_packed_for_cpu_inverse(weight.data, scratch)
         out_features, in_features = state.shape
         absmax = state.absmax.reshape(in_features // state.blocksize, out_features).T.reshape(-1)
