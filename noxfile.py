@@ -14,6 +14,7 @@ nox.options.default_venv_backend = "venv"
 nox.options.error_on_missing_interpreters = True
 
 TORCH = "torch==2.13.0"  # the CPU build; an unpinned torch pulls a multi-GB CUDA build
+TRANSFORMERS = "transformers>=4.45,<6"  # the FSDP2 tests build a tiny Llama from its config
 TEST_EXTRAS = "testing,demo"
 PYTEST = ("pytest", "-q", "-p", "no:cacheprovider")
 
@@ -21,7 +22,7 @@ PYTEST = ("pytest", "-q", "-p", "no:cacheprovider")
 BACKENDS = {
     "numpy": ("numpy", [], "numpy"),
     "strict": ("strict", [], "array_api_strict"),
-    "torch": ("torch", [TORCH], "torch,torch-cuda"),
+    "torch": ("torch", [TORCH, TRANSFORMERS], "torch,torch-cuda"),
     "jax": ("jax", [], "jax"),
     "cupy": ("cupy", [], "cupy"),
 }
@@ -47,6 +48,14 @@ def interop(session: nox.Session) -> None:
     """Exact interop with Hugging Face PEFT (models built from configs; nothing is downloaded)."""
     session.install(TORCH, "-e", f".[interop,{TEST_EXTRAS}]")
     session.run(*PYTEST, "tests/interop", *session.posargs, env={"VERA_BACKENDS": "torch", "HYPOTHESIS_PROFILE": "ci"})
+
+
+@nox.session
+def bnb(session: nox.Session) -> None:
+    """Quantized bases: bitsandbytes 4-bit and 8-bit layers on the CPU (the other sessions skip these tests)."""
+    session.install(TORCH, TRANSFORMERS, "bitsandbytes==0.50.2", "-e", f".[torch,{TEST_EXTRAS}]")
+    tests = ("tests/torch/test_torch_bnb.py", "src/backends/vera_torch/quantized.py")
+    session.run(*PYTEST, *tests, *session.posargs, env={"VERA_BACKENDS": "torch", "HYPOTHESIS_PROFILE": "ci"})
 
 
 @nox.session

@@ -18,7 +18,7 @@ torch.Size([4, 8])
 """
 
 from vera_torch.distributed import check_projections_identical
-from vera_torch.files import load_adapter, save_adapter
+from vera_torch.files import load_adapter, restore_adapter, save_adapter
 from vera_torch.functional import DvoraFunction, VeraFunction, dvora, vera
 from vera_torch.layers import BASE_ADAPTER, VeraLinear
 from vera_torch.bank import AdapterBank
@@ -70,6 +70,7 @@ __all__ = [
     "merge_and_unload",
     "peft_projections",
     "reserve",
+    "restore_adapter",
     "save_adapter",
     "save_peft_adapter",
     "set_adapter",

@@ -8,6 +8,7 @@ checksum must match the file's, or loading fails before the model is touched.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -23,6 +24,7 @@ from vera_core.adapter_file import (
     load_adapter_file,
     save_adapter_file,
 )
+from vera_torch.distributed import copy_into, host_copy, is_sharded, write_once
 from vera_torch.layers import layer_dims
 from vera_torch.model import (
     AdapterSettings,
@@ -36,7 +38,7 @@ from vera_torch.model import (
 )
 from vera_torch.projections import ProjectionKey, checksum, generate
 
-__all__ = ["adapter_config", "adapter_tensors", "load_adapter", "save_adapter"]
+__all__ = ["adapter_config", "adapter_parameters", "adapter_tensors", "load_adapter", "restore_adapter", "save_adapter"]
 
 
 def adapter_config(model: nn.Module, adapter_name: str = "default") -> AdapterConfig:
@@ -84,16 +86,59 @@ def _other_biases(model: nn.Module, layers: Mapping[str, LayerSpec]) -> dict[str
     }
 
 
-def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
-    """The adapter's vectors (and biases when trained) as CPU tensors under file names."""
-    tensors: dict[str, torch.Tensor] = {}
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """Where one file entry of an adapter lives in the model."""
+
+    tensor: torch.Tensor
+    """A bank parameter (one row per adapter) or a plain bias parameter; a ``DTensor`` under FSDP2."""
+    row: int | None = None
+    """The adapter's row of a bank parameter (None: the whole tensor)."""
+    length: int | None = None
+    """The entries of the row the adapter uses (its rank, for ``lambda_d``)."""
+
+
+def adapter_parameters(model: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, Entry]:
+    """The model's live tensors behind each file entry of one adapter.
+
+    Under FSDP2 the tensors are ``DTensor`` shards; :func:`adapter_tensors` gathers them.
+    """
+    entries: dict[str, Entry] = {}
     layers = vera_layers(model)
     for path in config.layers:
-        for kind, vector in layers[path].vectors(adapter_name).items():
-            tensors[f"{path}.{kind}"] = vector.detach().cpu().clone()
+        layer = layers[path]
+        bank, slot = layer.find(adapter_name) or (None, None)
+        if bank is None or slot is None:
+            raise KeyError(f"adapter {adapter_name!r} does not adapt layer {path!r}")
+        for kind in layer.vectors(adapter_name):
+            length = bank.ranks[slot] if kind == "lambda_d" else None
+            entries[f"{path}.{kind}"] = Entry(bank.parameters_by_kind()[kind], slot, length)
     for path in config.bias_modules:
-        bias = model.get_submodule(path).get_parameter("bias")
-        tensors[f"{path}.bias"] = bias.detach().cpu()
+        entries[f"{path}.bias"] = Entry(model.get_submodule(path).get_parameter("bias"))
+    return entries
+
+
+def _gathered(entries: dict[str, Entry]) -> dict[int, torch.Tensor]:
+    """Every distinct tensor of ``entries`` gathered once, in a fixed order (a collective under FSDP2)."""
+    wholes: dict[int, torch.Tensor] = {}
+    for entry in entries.values():
+        if id(entry.tensor) not in wholes:
+            wholes[id(entry.tensor)] = host_copy(entry.tensor)
+    return wholes
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str, config: AdapterConfig) -> dict[str, torch.Tensor]:
+    """The adapter's vectors (and biases when trained) as CPU tensors under file names.
+
+    On a model with FSDP2 shards this is a collective (each bank parameter the adapter has a
+    row in is gathered, nothing else).
+    """
+    entries = adapter_parameters(model, adapter_name, config)
+    wholes = _gathered(entries)
+    tensors: dict[str, torch.Tensor] = {}
+    for name, entry in entries.items():
+        whole = wholes[id(entry.tensor)]
+        tensors[name] = (whole if entry.row is None else whole[entry.row, : entry.length]).clone()
     return tensors
 
 
@@ -114,6 +159,12 @@ def save_adapter(
         Also store A and B (needed for projections that cannot be regenerated, such as
         ones loaded from a file; forced then).
 
+    Notes
+    -----
+    On a model sharded with FSDP2 (``fully_shard``) every rank calls this: only the
+    adapter's vectors are gathered, and global rank 0 writes the file, which holds what
+    the same model in one process would write.
+
     Examples
     --------
     >>> import os, tempfile
@@ -131,7 +182,7 @@ def save_adapter(
         A, B = get_state(model).projections.get(key)
         tensors[PROJECTION_KEYS[0]] = A.detach().cpu().contiguous()
         tensors[PROJECTION_KEYS[1]] = B.detach().cpu().contiguous()
-    save_adapter_file(path, config, tensors, framework="torch")
+    write_once(lambda: save_adapter_file(path, config, tensors, framework="torch"), is_sharded(model.parameters()))
     return config
 
 
@@ -223,6 +274,76 @@ def load_adapter(
 
         set_adapter(model, adapter_name)
     return config
+
+
+def restore_adapter(model: nn.Module, path: str | os.PathLike[str], adapter_name: str = "default") -> AdapterConfig:
+    """Copy a saved adapter's vectors into the model's existing adapter of the same layout (resume).
+
+    Where :func:`load_adapter` adds a new adapter, this writes into the vectors that
+    :func:`vera_torch.add_vera` made, so it also serves a model already sharded with FSDP2:
+    every rank reads the file and keeps its own part of each vector (nothing is
+    communicated), and the vectors stay in FSDP's parameter groups, so they keep training
+    in sync. The file must describe the same adapter (method, rank, projections, bias mode,
+    layers); everything is checked before a vector changes, else
+    :class:`vera_core.adapter_file.AdapterFileError` lists the differences.
+
+    Examples
+    --------
+    >>> import os, tempfile, torch
+    >>> from torch import nn
+    >>> from vera_torch import add_vera
+    >>> model = add_vera(nn.Sequential(nn.Linear(8, 4)), ["0"], r=2)
+    >>> f = os.path.join(tempfile.mkdtemp(), "adapter.safetensors")
+    >>> with torch.no_grad():
+    ...     _ = model[0].vectors("default")["lambda_b"].fill_(0.5)
+    >>> _ = save_adapter(model, f)
+    >>> with torch.no_grad():
+    ...     _ = model[0].vectors("default")["lambda_b"].zero_()
+    >>> _ = restore_adapter(model, f)
+    >>> model[0].vectors("default")["lambda_b"].tolist()
+    [0.5, 0.5, 0.5, 0.5]
+    """
+    current = adapter_config(model, adapter_name)
+    config, tensors = load_adapter_file(path, framework="torch")
+    problems = _layout_differences(current, config)
+    if problems:
+        raise AdapterFileError(
+            f"{path} does not describe the model's adapter {adapter_name!r} (nothing was changed):\n  "
+            + "\n  ".join(problems)
+        )
+    entries = adapter_parameters(model, adapter_name, current)
+    wholes = _gathered(entries)
+    for name, entry in entries.items():
+        whole = wholes[id(entry.tensor)]
+        if entry.row is None:
+            whole.copy_(tensors[name])
+        else:
+            whole[entry.row, : entry.length] = tensors[name]
+    for entry in {id(e.tensor): e for e in entries.values()}.values():
+        copy_into(entry.tensor, wholes[id(entry.tensor)])
+    return config
+
+
+def _layout_differences(current: AdapterConfig, stored: AdapterConfig) -> list[str]:
+    """How a stored adapter's layout differs from the model's adapter (empty: the same)."""
+    problems = [
+        f"{field}: the file has {getattr(stored, field)!r}, the model {getattr(current, field)!r}"
+        for field in ("method", "r", "seed", "prng_id", "max_out", "bias", "bias_modules")
+        if getattr(stored, field) != getattr(current, field)
+    ]
+    if stored.max_in is not None and stored.max_in != current.max_in:
+        problems.append(f"max_in: the file has {stored.max_in}, the model {current.max_in}")
+    if stored.projections_sha256 not in (None, current.projections_sha256):
+        problems.append("the projections' checksums differ")
+    if set(stored.layers) != set(current.layers):
+        problems.append(f"layers: the file has {sorted(stored.layers)}, the model {sorted(current.layers)}")
+    for path in sorted(set(stored.layers) & set(current.layers)):
+        mine, theirs = current.layers[path], stored.layers[path]
+        if theirs.in_features is None:
+            theirs = dataclasses.replace(theirs, in_features=mine.in_features)
+        if theirs != mine:
+            problems.append(f"{path}: the file has {theirs}, the model {mine}")
+    return problems
 
 
 def _load_into(

@@ -18,6 +18,7 @@ from torch import nn
 
 from vera_core.adapter_file import PROJECTION_KEYS, AdapterConfig, AdapterFileError, LayerSpec
 from vera_core.peft_format import read_peft_folder, write_peft_folder
+from vera_torch.distributed import is_sharded, write_once
 from vera_torch.files import _load_into, _match_layers, adapter_config, adapter_tensors
 from vera_torch.layers import layer_dims
 from vera_torch.model import check_new_name, get_state
@@ -76,7 +77,8 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], adapter_
     over the adapter's own layers (a second adapter on fewer layers than the model's first
     stores the leading blocks of the shared pair, which is all its layers use). A layer of
     rank below the shared rank has ``lambda_d`` zero-padded (exact). DVoRA adapters cannot be
-    exported (PEFT has no DVoRA): AdapterFileError.
+    exported (PEFT has no DVoRA): AdapterFileError. On a model sharded with FSDP2 every rank
+    calls this and global rank 0 writes (as :func:`vera_torch.save_adapter`).
     """
     config = adapter_config(model, adapter_name)
     tensors = adapter_tensors(model, adapter_name, config)
@@ -86,4 +88,7 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], adapter_
     max_out = max(spec.out_features for spec in config.layers.values())
     config = dataclasses.replace(config, max_in=max_in, max_out=max_out)
     A, B = A[:, :max_in], B[:max_out, :]
-    write_peft_folder(folder, config, tensors, A.detach().cpu(), B.detach().cpu(), framework="torch")
+    write_once(
+        lambda: write_peft_folder(folder, config, tensors, A.detach().cpu(), B.detach().cpu(), framework="torch"),
+        is_sharded(model.parameters()),
+    )
