@@ -152,7 +152,8 @@ def test_saving_from_sharded_model_writes_one_process_file(run, worker, method, 
     equal metadata (config JSON included), equal tensor names, dtypes, shapes and bytes, and an
     equal data section. (Not the whole file's bytes: safetensors writes its header map in a
     per-process hash order, so two runs of one process differ there too.) Saving gathered
-    nothing but vectors: at most 64 numbers each, where a base weight's shard alone has 512."""
+    nothing but the adapter's bank rows: a one-row bank sharded over 2 ranks gathers its 64
+    numbers padded to 2 x 64, where a base weight alone has 2048."""
     import vera_torch as vt
 
     out = run[1]
@@ -170,7 +171,7 @@ def test_saving_from_sharded_model_writes_one_process_file(run, worker, method, 
     assert len(one[1]) == len(r["vectors"])
     gathers = [(name, size) for name, size in r["collectives_saving"] if "gather" in name]
     assert gathers, "saving a sharded adapter must gather its vectors"
-    assert max(size for _, size in gathers) <= 64, gathers
+    assert max(size for _, size in gathers) <= 2 * 64, gathers
 
 
 @pytest.mark.parametrize("method", METHODS)

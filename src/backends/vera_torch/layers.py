@@ -229,7 +229,8 @@ class VeraLinear(nn.Module):
     >>> state = SharedState(store)
     >>> layer = VeraLinear(nn.Linear(8, 6), state)
     >>> slot = state.slots.add("a"); state.specs["a"] = AdapterSpec("vera", key); state.active.append("a")
-    >>> layer.add_adapter(slot, "vera", key, 4, d_initial=0.1)
+    >>> layer.add_adapter(slot, "vera", key, 4, d_initial=0.1)  # True: it made the bank
+    True
     >>> x = torch.randn(2, 8)
     >>> torch.equal(layer(x), layer.base_layer(x))  # lambda_b starts at zero
     True
