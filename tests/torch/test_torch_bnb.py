@@ -206,73 +206,132 @@ def test_to_dense_matches_the_layer(kind):
     assert torch.equal(half.weight, vq.dequantize(layer).weight.bfloat16())
 
 
-@pytest.mark.parametrize("kind", KINDS)
-def test_dvora_from_precomputed_pieces_equals_dense_dvora(kind):
-    """The layer hook for DVoRA on a quantized base, composed from today's pieces: the Gram pieces
-    from the dequantized weight once, ``z = base(x) - bias`` on the quantized layer. Outputs and
-    every gradient (x, magnitude, lambda_d, lambda_b) equal DVoRA on the dense dequantized layer
-    through the public API (float32 round-off)."""
+def _pair(kind, *, dvora, adapters=("default",)):
+    """(the adapted quantized model, the same adapters on its dequantized dense copy), equal vectors."""
     _, layer = make_layer(kind)
-    dense = vt.add_vera(nn.Sequential(vq.to_dense(layer)), ["0"], r=16, seed=4, dvora=True)
-    _randomize(dense)
-    adapted = dense[0]
-    A, B = dense.vera_state.projections.get(adapted.adapters["default"].key)
-    frozen = vc.dvora_precompute(vq.dequantize(layer).weight, A, 16)
+    dense_layer = vq.to_dense(layer)
+    models = []
+    for base in (layer, dense_layer):
+        model = nn.Sequential(base)
+        for i, name in enumerate(adapters):
+            vt.add_vera(model, ["0"], r=16, seed=4, dvora=dvora and i % 2 == 0, adapter_name=name)
+        _randomize(model)
+        models.append(model)
+    return models
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_dvora_on_a_quantized_base_equals_dvora_on_its_dense_weight(kind, monkeypatch):
+    """Outputs and every gradient (x, magnitude, lambda_d, lambda_b) equal DVoRA on the dequantized
+    dense layer to float32 round-off; the Gram pieces come from one dequantization, the forward stays
+    on the quantized layer, whose state no step changes."""
+    quantized_model, dense_model = _pair(kind, dvora=True)
+    layer = quantized_model[0].base_layer
     stamp = vq.state_stamp(layer)
-    x = torch.randn(4, 6, IN)
-    xq, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
-    vectors = [adapted.vera_magnitude["default"], adapted.vera_lambda_d["default"], adapted.vera_lambda_b["default"]]
-    mine = [v.detach().clone().requires_grad_(True) for v in vectors]
-    yq = vt.dvora(vq.base_without_bias(layer, xq), xq, frozen, A, B, *mine, layer.bias)
-    yd = dense(xd)
-    torch.testing.assert_close(yq, yd, rtol=1e-5, atol=1e-5)
-    g = torch.randn_like(yd)
-    (yq * g).sum().backward()
-    (yd * g).sum().backward()
-    torch.testing.assert_close(xq.grad, xd.grad, rtol=1e-5, atol=1e-5)
-    for got, want in zip(mine, vectors, strict=True):
-        torch.testing.assert_close(got.grad, want.grad, rtol=1e-4, atol=1e-5)
-    assert vq.state_stamp(layer) == stamp  # forwards and backwards leave the quantized state alone
+    calls = []
+    original = vq.dequantize
+    monkeypatch.setattr(vq, "dequantize", lambda module: calls.append(1) or original(module))
+    for step in range(3):
+        x = torch.randn(4, 6, IN, generator=torch.Generator().manual_seed(step))
+        xq, xd = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        yq, yd = quantized_model(xq), dense_model(xd)
+        torch.testing.assert_close(yq, yd, rtol=1e-5, atol=1e-5)
+        g = torch.randn_like(yd)
+        (yq * g).sum().backward()
+        (yd * g).sum().backward()
+        torch.testing.assert_close(xq.grad, xd.grad, rtol=1e-5, atol=1e-5)
+    for kind_name in ("magnitude", "lambda_d", "lambda_b"):
+        got = _grad(quantized_model, kind_name)
+        torch.testing.assert_close(got, _grad(dense_model, kind_name), rtol=1e-4, atol=1e-5)
+        assert got.abs().sum() > 0
+    assert len(calls) == 1  # the Gram pieces: one dequantization for three steps
+    assert vq.state_stamp(layer) == stamp
+
+
+def _grad(model, kind):
+    bank = model[0].banks()[0]
+    grad = bank.parameters_by_kind()[kind].grad
+    return grad.to_dense() if grad.is_sparse else grad
 
 
 def _randomize(model):
     generator = torch.Generator().manual_seed(1)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "vera_" in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.5)
-            if "vera_magnitude" in name:
-                param.abs_().add_(0.5)
+        for layer in vt.vera_layers(model).values():
+            for name in layer.adapter_names():
+                for kind, vector in layer.vectors(name).items():
+                    values = torch.randn(vector.shape, generator=generator) * 0.5
+                    vector.copy_(values.abs() + 0.5 if kind == "magnitude" else values)
 
 
+@pytest.mark.parametrize("dvora", [False, True])
 @pytest.mark.parametrize("kind", KINDS)
-def test_merge_into_quantized_and_unload_to_dense(kind):
-    """The two merge routes, from today's pieces: dequantize, add dW, requantize (the reported
-    weight error bounds the output change against the unmerged model), or a dense layer with
-    W + dW (equal to the unmerged model to float32 round-off)."""
-    _, layer = make_layer(kind)
-    model = vt.add_vera(nn.Sequential(layer), ["0"], r=16, seed=4)
-    _randomize(model)
+def test_merge_into_quantized_and_unload_to_dense(kind, dvora):
+    """merge_and_unload on a quantized base: into the quantized layer (dequantize, add, quantize
+    again; the reported weight error bounds the output change), or to a dense nn.Linear holding
+    W0 + dW (equal to the unmerged model to float32 round-off). merge/unmerge_adapter round-trip."""
+    quantized_model, _ = _pair(kind, dvora=dvora)
     x = torch.randn(8, IN)
     with torch.no_grad():
-        unmerged = model(x)
-    adapted = model[0]
-    A, B = model.vera_state.projections.get(adapted.adapters["default"].key)
-    d, b = (v.detach() for v in adapted._vectors("default"))
-    merged_weight = vc.merge(vq.dequantize(layer).weight, A, B, d, b)
-
-    dense = vq.to_dense(layer)
+        unmerged = quantized_model(x)
+    dense = vt.merge_and_unload(copy.deepcopy(quantized_model), quantized_base="dense")
+    assert type(dense[0]) is nn.Linear
     with torch.no_grad():
-        dense.weight.copy_(merged_weight)
         torch.testing.assert_close(dense(x), unmerged, rtol=1e-5, atol=1e-5)
 
-    error = vq.requantize(layer, merged_weight)
-    assert error > 0
-    with vt.disable_adapters(model), torch.no_grad():
-        merged = model(x)  # the base layer alone, now holding W + dW quantized
-    change = (merged - unmerged).abs()
-    assert bool((change <= error * x.abs().sum(dim=1, keepdim=True) + 1e-5).all())
+    errors = {}
+    merged_model = vt.merge_and_unload(copy.deepcopy(quantized_model), errors=errors)
+    assert vq.quantization(merged_model[0]) == kind and errors["0"] > 0
+    with torch.no_grad():
+        change = (merged_model(x) - unmerged).abs()
+    assert bool((change <= errors["0"] * x.abs().sum(dim=1, keepdim=True) + 1e-4).all())
     assert float(change.max()) > 0
+
+    before = vq.dequantize(quantized_model[0].base_layer).weight
+    merge_errors = vt.merge_adapter(quantized_model)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            quantized_model(x), unmerged, rtol=0, atol=float(merge_errors["0"] * x.abs().sum(1).max()) + 1e-4
+        )
+    unmerge_errors = vt.unmerge_adapter(quantized_model)
+    after = vq.dequantize(quantized_model[0].base_layer).weight
+    bound = merge_errors["0"] + unmerge_errors["0"]
+    assert float((after - before).abs().max()) <= bound * (1 + 1e-3) + 1e-6  # DVoRA's n/m rescales
+
+
+@pytest.mark.parametrize("kind", ["nf4", "int8"])
+def test_mixed_adapter_batches_on_a_quantized_base(kind):
+    """VeRA and DVoRA rows (and base rows) in one batch on a quantized base equal each row alone."""
+    quantized_model, dense_model = _pair(kind, dvora=True, adapters=("d", "v", "e"))
+    names = ["d", "v", "__base__", "e", "v"]
+    x = torch.randn(len(names), 3, IN)
+    with torch.no_grad():
+        mixed = quantized_model(x, adapter_names=names)
+        torch.testing.assert_close(mixed, dense_model(x, adapter_names=names), rtol=1e-5, atol=1e-5)
+        for i, name in enumerate(names):
+            if name == "__base__":
+                with vt.disable_adapters(quantized_model):
+                    alone = quantized_model(x[i : i + 1])
+            else:
+                vt.set_adapter(quantized_model, name)
+                alone = quantized_model(x[i : i + 1])
+            torch.testing.assert_close(mixed[i : i + 1], alone, rtol=1e-5, atol=1e-5)
+
+
+def test_a_dvora_file_trained_on_nf4_loads_onto_the_dense_base(tmp_path):
+    """Files are interchangeable: DVoRA trained on a 4-bit base, saved, loaded onto the dense base."""
+    quantized_model, _ = _pair("nf4", dvora=True)
+    opt = vt.BankAdamW([p for p in quantized_model.parameters() if p.requires_grad], lr=1e-2)
+    x = torch.randn(16, IN)
+    for _ in range(3):
+        opt.zero_grad()
+        quantized_model(x).square().mean().backward()
+        opt.step()
+    vt.save_adapter(quantized_model, tmp_path / "q.safetensors")
+    dense = nn.Sequential(vq.to_dense(quantized_model[0].base_layer))
+    vt.load_adapter(dense, tmp_path / "q.safetensors")
+    with torch.no_grad():
+        torch.testing.assert_close(dense(x), quantized_model(x), rtol=1e-5, atol=1e-5)
 
 
 def test_vera_trains_on_nf4_and_its_file_loads_onto_the_dense_base(tmp_path):

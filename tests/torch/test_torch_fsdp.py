@@ -178,7 +178,8 @@ def test_saving_from_sharded_model_writes_one_process_file(run, worker, method, 
 def test_loading_into_sharded_model(run, worker, method):
     """``restore_adapter`` writes a file into the sharded model's own adapter (each rank keeps its
     part): outputs equal this process with the file loaded, and training from there matches too.
-    ``load_adapter`` adds the file as a new adapter to a sharded base: the same outputs."""
+    ``load_adapter`` adds the file as a new adapter to a sharded base: the same outputs, and its
+    vectors serve but never train (FSDP2 would not reduce gradients of parameters made after it)."""
     import vera_torch as vt
 
     out = run[1]
@@ -193,6 +194,7 @@ def test_loading_into_sharded_model(run, worker, method):
     worker.train(reference, ids, steps=2)
     _assert_vectors_close(r["restored_vectors"], worker.vectors(reference), rtol=1e-5, atol=1e-6)
     assert not r["loaded_vectors_sharded"]  # a new adapter after fully_shard: plain, replicated vectors
+    assert r["loaded_trainable"] == []  # ... that never train
 
 
 def test_docs_training_script_runs_under_torchrun(tmp_path):

@@ -240,3 +240,4 @@ def _loading(r: dict[str, Any], method: str, ids: torch.Tensor, local: torch.Ten
     with torch.no_grad():
         r["loaded_logits"] = model(input_ids=ids).logits
     r["loaded_vectors_sharded"] = is_sharded(trainable(model).values())
+    r["loaded_trainable"] = sorted(trainable(model))

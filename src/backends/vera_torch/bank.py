@@ -100,6 +100,8 @@ class AdapterBank(nn.Module):
         self._counts = {"rows": 0, "dvora": 0, "own_bias": 0, "narrow": 0}
         self._shape = [capacity, width]
         self._masks: dict[str, torch.Tensor] = {}
+        self.trainable = True
+        """False for a bank made after FSDP2 sharded the model: it serves, but never trains."""
 
     # ------------------------------------------------------------------ shape
     @property

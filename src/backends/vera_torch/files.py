@@ -31,6 +31,7 @@ from vera_torch.model import (
     _check_adapter,
     attach,
     candidates,
+    check_dvora_targets,
     check_new_name,
     get_state,
     prepare,
@@ -351,11 +352,11 @@ def _load_into(
 ) -> None:
     targets = _match_layers(model, config, source)
     max_in = config.max_in or max(layer_dims(m)[0] for m in targets.values())  # type: ignore[index]
-    for path, module in targets.items():
-        if config.method == "dvora":
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-                raise AdapterFileError(f"{source}: DVoRA layer {path!r} needs a dense floating-point weight")
+    if config.method == "dvora":
+        try:
+            check_dvora_targets(targets, f"{source}: ")
+        except TypeError as error:
+            raise AdapterFileError(str(error)) from error
     other_biases = _other_bias_targets(model, config, source)
     key, pair = _projections_for(model, config, tensors, source, max_in)
     per_layer = {

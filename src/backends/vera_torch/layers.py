@@ -32,6 +32,7 @@ from vera_core._fused import scale_add as _scale_add
 from vera_core.dvora import _gram_norm, _scaled
 from vera_core.slots import SlotTable
 from vera_torch.bank import DVORA, VERA, AdapterBank
+from vera_torch import quantized
 from vera_torch.functional import dvora_dense, vera_dense
 from vera_torch.projections import ProjectionKey, ProjectionStore
 
@@ -284,6 +285,21 @@ class VeraLinear(nn.Module):
             )
         return weight
 
+    def check_weight(self, purpose: str) -> None:
+        """TypeError naming ``purpose`` unless the base has a dense or a known quantized weight."""
+        if quantized.quantization(self.base_layer) is None:
+            self.dense_weight(purpose)
+
+    def frozen_weight(self, purpose: str) -> torch.Tensor:
+        """The weight W0 the adapters work against: the dense one, or a quantized base's dequantized one.
+
+        A quantized base (bitsandbytes 4-bit / 8-bit) gives a new float32 tensor each call:
+        callers use it and let it go (DVoRA's Gram pieces, merges), so no dense copy is kept.
+        """
+        if quantized.quantization(self.base_layer) is not None:
+            return quantized.dequantize(self.base_layer).weight
+        return self.dense_weight(purpose)
+
     def vector_dtype(self) -> torch.dtype:
         """float32, or the base weight's dtype when that is float32 or wider."""
         weight = getattr(self.base_layer, "weight", None)
@@ -415,7 +431,7 @@ class VeraLinear(nn.Module):
         if method == "dvora":
             magnitude = tensors.get("magnitude")
             if magnitude is None:
-                weight = self.dense_weight("DVoRA")
+                weight = self.frozen_weight("DVoRA")
                 magnitude = vc.initial_magnitude(weight.detach(), fan_in_fan_out=self.fan_in_fan_out, dtype=dtype)
             row["magnitude"] = magnitude
         if own_bias:
@@ -491,12 +507,24 @@ class VeraLinear(nn.Module):
                 step.projections[cache_key] = found
         return found
 
-    def _frozen(self, key: ProjectionKey, rank: int) -> vc.DvoraFrozen:
+    def _weight_stamp(self) -> tuple[Any, ...]:
+        """Changes whenever the frozen weight does (the DVoRA cache key).
+
+        Not the storage address: FSDP2 gathers a sharded weight into new storage at every
+        forward, with the same tensor and version.
+        """
+        if quantized.quantization(self.base_layer) is not None:
+            return quantized.state_stamp(self.base_layer)
         weight = self.dense_weight("DVoRA")
-        stamp = (weight._version, weight.device, weight.dtype, weight.data_ptr())
+        return (id(weight), weight._version, weight.device, weight.dtype, tuple(weight.shape))
+
+    def _frozen(self, key: ProjectionKey, rank: int) -> vc.DvoraFrozen:
+        """DVoRA's Gram pieces of the frozen weight, computed once per weight state (and per key, rank)."""
+        stamp = self._weight_stamp()
         cached = self._frozen_cache.get((key.name, rank))
         if cached is not None and (torch.compiler.is_compiling() or cached[0] == stamp):
             return cached[1]
+        weight = self.frozen_weight("DVoRA")
         A = self._state.projections.get(key, None, weight.device)[0]
         frozen = vc.dvora_precompute(weight.detach(), A, rank, fan_in_fan_out=self.fan_in_fan_out)
         if not torch.compiler.is_compiling():
@@ -624,8 +652,11 @@ class VeraLinear(nn.Module):
             return vera_dense(x, weight, bias, A_t.T, B_t.T, d, b, fan_in_fan_out=self.fan_in_fan_out)
 
     def _dvora_forward(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
-        """DVoRA through the merged weight where it pays, else factored (autograd through the core's pieces)."""
-        weight = self.dense_weight("DVoRA")
+        """DVoRA through the merged weight where it pays, else factored (autograd through the core's pieces).
+
+        A quantized base stays quantized: its own forward gives ``x W0^T`` and the Gram pieces
+        come from its dequantized weight once per weight state.
+        """
         frozen = self._frozen(step.bank.key, step.rank)
         A_t, B_t = self._step_projections(step, x)
         d_row, b_row = self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b")
@@ -635,7 +666,7 @@ class VeraLinear(nn.Module):
             if step.plain and self._dense_pays(step, x):
                 return dvora_dense(
                     x,
-                    weight,
+                    self.base_layer._parameters["weight"],
                     bias,
                     frozen,
                     A_t.T,
@@ -745,7 +776,7 @@ class VeraLinear(nn.Module):
 
         ``safe``: ValueError when the result is not finite or, for DVoRA, cannot be unmerged.
         """
-        weight = self.dense_weight("merging")
+        weight = self.frozen_weight("merging")
         todo = [n for n in names if self.has_adapter(n) and n not in self.merged_adapters]
         if any(self.method_of(n) == "dvora" for n in todo) and (len(todo) > 1 or self.merged_adapters):
             raise RuntimeError("a DVoRA adapter must be merged alone, onto an unmerged weight")
@@ -771,17 +802,29 @@ class VeraLinear(nn.Module):
                 )
         return new, norms
 
-    def commit_merge(self, names: list[str], weight: torch.Tensor, norms: dict[str, torch.Tensor]) -> None:
-        """Write a weight from :meth:`merged_weight` and record the merge."""
-        with torch.no_grad():
-            self.dense_weight("merging").copy_(weight)
+    def commit_merge(self, names: list[str], weight: torch.Tensor, norms: dict[str, torch.Tensor]) -> float:
+        """Write a weight from :meth:`merged_weight` and record the merge.
+
+        Returns the largest absolute error the write added: 0 for a dense weight (beyond the
+        rounding to its dtype), the re-quantization error for a quantized base.
+        """
+        error = self._write_weight(weight, "merging")
         self._merge_norms.update(norms)
         self.merged_adapters.extend(n for n in names if self.has_adapter(n) and n not in self.merged_adapters)
         self._state.changed()
+        return error
+
+    def _write_weight(self, weight: torch.Tensor, purpose: str) -> float:
+        self._frozen_cache.clear()
+        if quantized.quantization(self.base_layer) is not None:
+            return quantized.requantize(self.base_layer, weight)
+        with torch.no_grad():
+            self.dense_weight(purpose).copy_(weight)
+        return 0.0
 
     def unmerged_weight(self) -> torch.Tensor:
         """The weight with every merge undone (nothing is changed); ValueError if it would not be finite."""
-        weight = self.dense_weight("unmerging")
+        weight = self.frozen_weight("unmerging")
         new = weight.detach()
         for name in reversed(self.merged_adapters):
             vectors = {k: v.detach() for k, v in self.vectors(name).items()}
@@ -805,13 +848,13 @@ class VeraLinear(nn.Module):
             raise ValueError("unmerging would write NaN or infinity into the weight; the weight was left as it is")
         return new
 
-    def commit_unmerge(self, weight: torch.Tensor) -> None:
-        """Write a weight from :meth:`unmerged_weight` and forget the merges."""
-        with torch.no_grad():
-            self.dense_weight("unmerging").copy_(weight)
+    def commit_unmerge(self, weight: torch.Tensor) -> float:
+        """Write a weight from :meth:`unmerged_weight` and forget the merges; returns the error added."""
+        error = self._write_weight(weight, "unmerging")
         self.merged_adapters.clear()
         self._merge_norms.clear()
         self._state.changed()
+        return error
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"

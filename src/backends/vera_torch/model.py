@@ -27,6 +27,7 @@ from torch import nn
 
 import vera_core as vc
 from vera_core.targets import ALL_LINEAR, matches, select_targets
+from vera_torch import quantized
 from vera_torch.bank import DVORA, AdapterBank
 from vera_torch.layers import BASE_ADAPTER, AdapterSpec, BatchRows, SharedState, VeraLinear, layer_dims
 from vera_torch.projections import ProjectionKey, ProjectionStore, generate
@@ -235,6 +236,28 @@ def _ensure_state(model: nn.Module) -> VeraState:
     return state
 
 
+def check_dvora_targets(targets: dict[str, nn.Module], source: str) -> None:
+    """TypeError unless every target has a dense floating-point or a known quantized weight (DVoRA needs W0)."""
+    for path, module in targets.items():
+        base = module.base_layer if isinstance(module, VeraLinear) else module
+        weight = getattr(base, "weight", None)
+        dense = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+        if not dense and quantized.quantization(base) is None:
+            raise TypeError(
+                f"{source}DVoRA needs a dense floating-point weight or a bitsandbytes 4-/8-bit one, "
+                f"but layer {path!r} ({type(base).__name__}) has neither"
+            )
+
+
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) already shards part of the model."""
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
 def _check_state_attribute(model: nn.Module) -> None:
     state = getattr(model, STATE_NAME, None)
     if state is not None and not isinstance(state, VeraState):
@@ -411,6 +434,8 @@ def prepare(
 ) -> PreparedAdapter:
     """Check an adapter against the model and build its rows; the model is not changed."""
     check_new_name(model, settings.name)
+    if settings.method == "dvora":
+        check_dvora_targets(targets, "")
     state = getattr(model, STATE_NAME, None)
     key = settings.key
     known = isinstance(state, VeraState) and key.name in state.projections.keys_by_name
@@ -470,11 +495,20 @@ def attach(model: nn.Module, prepared: PreparedAdapter, *, activate: bool | None
     )
     state.settings[settings.name] = settings
     state.key_users[key.name] = state.key_users.get(key.name, 0) + 1
+    serve_only = _sharded(model)
     for path, module in prepared.targets.items():
+        base = module.base_layer if isinstance(module, VeraLinear) else module
+        if quantized.quantization(base) is not None:
+            quantized.restore_training_layout(base)  # bitsandbytes' CPU repacking cannot train
         layer = module if isinstance(module, VeraLinear) else VeraLinear(module, state.shared)
-        layer.add_adapter(
-            slot, settings.method, key, prepared.ranks[path], row=prepared.rows[path], own_bias=prepared.own_bias
-        )
+        if (
+            layer.add_adapter(
+                slot, settings.method, key, prepared.ranks[path], row=prepared.rows[path], own_bias=prepared.own_bias
+            )
+            and serve_only
+        ):
+            # made after fully_shard: outside FSDP's groups, its gradients would never be reduced
+            layer.bank(key, state.slots.capacity).trainable = False
         if layer is not module:
             _replace(model, path, layer)
     if activate or (activate is None and not state.shared.active):
@@ -489,7 +523,7 @@ def _set_trainable_banks(state: VeraState, layers: Iterable[VeraLinear]) -> None
     active_slots = [shared.slots.slot(n) for n in shared.active]
     for layer in layers:
         for bank in layer.banks():
-            wanted = not shared.disabled and bank.holds_any(active_slots)
+            wanted = bank.trainable and not shared.disabled and bank.holds_any(active_slots)
             for param in bank.parameters_by_kind().values():
                 param.requires_grad_(wanted)
 
@@ -538,7 +572,9 @@ def add_vera(
     adapter_name : str
         Name of the new adapter. The first adapter becomes active; later ones are added
         inactive (see :func:`set_adapter`). Adding one costs the same however many the
-        model already holds.
+        model already holds. An adapter added to a model FSDP2 already shards serves but
+        never trains (its vectors are outside FSDP's groups): add adapters before
+        ``fully_shard`` to train them.
     detach_norm : bool
         DVoRA only: treat the weight norm as a constant in backward (DoRA section 4.3).
 
@@ -571,10 +607,7 @@ def add_vera(
     targets = _resolve_targets(model, target_modules, layers_to_transform, layers_pattern)
     dims = {path: typing.cast(tuple[int, int, bool], layer_dims(module)) for path, module in targets.items()}
     if dvora:
-        for path, module in targets.items():
-            weight = getattr(module, "weight", None)
-            if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-                raise TypeError(f"DVoRA needs a dense floating-point weight, but layer {path!r} has none")
+        check_dvora_targets(targets, "")
     max_in = max(d[0] for d in dims.values())
     max_out = max(d[1] for d in dims.values())
     state = getattr(model, STATE_NAME, None)
@@ -719,20 +752,33 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     state.shared.changed()
 
 
-def merge_adapter(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False) -> None:
-    """Fold adapters (default: the active ones) into the base weights.
+def merge_adapter(model: nn.Module, names: Sequence[str] | None = None, *, safe: bool = False) -> dict[str, float]:
+    """Fold adapters (default: the active ones) into the base weights; returns the errors that added.
 
     Every layer is checked before any weight changes (which adapters may merge together,
     their vectors). With ``safe=True`` every merged weight is also computed and checked
     first: it must be finite and, for DVoRA, undoable by :func:`unmerge_adapter`; on
     failure a ValueError names the layer and no weight is changed.
+
+    A quantized base (bitsandbytes 4-bit / 8-bit) is dequantized, merged and quantized
+    again with its own settings: the returned dict gives, per such layer, the largest
+    absolute weight error the re-quantization added (dense layers: 0.0).
     """
     state = get_state(model)
     wanted = list(state.shared.active if names is None else names)
     for name in wanted:
         _check_adapter(state, name)
-    layers = vera_layers(model)
-    for path, layer in layers.items():
+    work = _merge_plan(model, wanted, safe=safe)
+    errors = {}
+    for path, (layer, todo) in work.items():
+        errors[path] = layer.commit_merge(todo, *layer.merged_weight(todo, safe=safe))
+    return errors
+
+
+def _merge_plan(model: nn.Module, wanted: list[str], *, safe: bool) -> dict[str, tuple[VeraLinear, list[str]]]:
+    """Per layer, the adapters to merge, every layer checked (and with ``safe`` dry-run) first."""
+    work = {}
+    for path, layer in vera_layers(model).items():
         todo = [n for n in wanted if layer.has_adapter(n) and n not in layer.merged_adapters]
         if not todo:
             continue
@@ -742,32 +788,57 @@ def merge_adapter(model: nn.Module, names: Sequence[str] | None = None, *, safe:
                 f"layer {path!r}: a DVoRA adapter must be merged alone, onto an unmerged weight "
                 f"(merging {todo}, already merged {layer.merged_adapters}); no weight was changed"
             )
-        layer.dense_weight("merging")
+        layer.check_weight("merging")
         if safe:
             try:
                 layer.merged_weight(todo)
             except ValueError as error:
                 raise ValueError(f"layer {path!r}: {error}; no weight was changed") from error
-    for layer in layers.values():
-        todo = [n for n in wanted if layer.has_adapter(n) and n not in layer.merged_adapters]
-        if todo:
-            layer.commit_merge(todo, *layer.merged_weight(todo, safe=safe))
+        work[path] = (layer, todo)
+    return work
 
 
-def unmerge_adapter(model: nn.Module) -> None:
-    """Undo every merge (up to rounding); checked on every layer first, never writing NaN or infinity."""
+def unmerge_adapter(model: nn.Module) -> dict[str, float]:
+    """Undo every merge (up to rounding); checked on every layer first, never writing NaN or infinity.
+
+    Returns, per layer, the largest absolute weight error the write added (re-quantization
+    on a quantized base, else 0.0).
+    """
     get_state(model)
-    layers = [layer for layer in vera_layers(model).values() if layer.merged_adapters]
-    for layer in layers:
-        layer.unmerged_weight()
-    for layer in layers:
-        layer.commit_unmerge(layer.unmerged_weight())
+    layers = {path: layer for path, layer in vera_layers(model).items() if layer.merged_adapters}
+    for path, layer in layers.items():
+        try:
+            layer.unmerged_weight()
+        except ValueError as error:
+            raise ValueError(f"layer {path!r}: {error}") from error
+    return {path: layer.commit_unmerge(layer.unmerged_weight()) for path, layer in layers.items()}
 
 
-def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
+def merge_and_unload(
+    model: nn.Module,
+    *,
+    safe: bool = False,
+    quantized_base: str = "requantize",
+    errors: dict[str, float] | None = None,
+) -> nn.Module:
     """Merge the active adapters and put the plain base layers back; returns the bare model.
 
     Adapters that train their layer's bias write it into the base layer.
+
+    Parameters
+    ----------
+    model : nn.Module
+        An adapted model.
+    safe : bool
+        Check every merged weight first (finite, DVoRA undoable); nothing changes on failure.
+    quantized_base : {"requantize", "dense"}
+        For bitsandbytes 4-/8-bit bases: merge into the quantized layer (dequantize, add,
+        quantize again with its settings), or replace it with a float32 ``nn.Linear``
+        holding the dequantized weight plus the update (for deployment without the
+        quantization error of the merge).
+    errors : dict, optional
+        Filled with each merged layer's largest absolute weight error added (the
+        re-quantization error; 0.0 for dense weights and for ``"dense"``).
 
     Examples
     --------
@@ -777,17 +848,32 @@ def merge_and_unload(model: nn.Module, *, safe: bool = False) -> nn.Module:
     >>> type(merge_and_unload(model)[0]).__name__
     'Linear'
     """
+    if quantized_base not in ("requantize", "dense"):
+        raise ValueError(f"quantized_base must be 'requantize' or 'dense', got {quantized_base!r}")
     state = get_state(model)
-    merge_adapter(model, safe=safe)
+    work = _merge_plan(model, list(state.shared.active), safe=safe)
+    added: dict[str, float] = {}
     for path, layer in vera_layers(model).items():
-        own = [n for n in state.shared.active if layer.has_adapter(n) and "bias" in layer.vectors(n)]
-        if own and layer.bias is not None:
+        base = layer.base_layer
+        if path in work and quantized_base == "dense" and quantized.quantization(base) is not None:
+            todo = work[path][1]
+            weight, _ = layer.merged_weight(todo, safe=safe)
+            dense = quantized.to_dense(base)
             with torch.no_grad():
-                layer.bias.copy_(layer.vectors(own[0])["bias"])
-        _replace(model, path, layer.base_layer)
+                dense.weight.copy_(weight)
+            base, added[path] = dense, 0.0
+        elif path in work:
+            added[path] = layer.commit_merge(work[path][1], *layer.merged_weight(work[path][1], safe=safe))
+        own = [n for n in state.shared.active if layer.has_adapter(n) and "bias" in layer.vectors(n)]
+        if own and getattr(base, "bias", None) is not None:
+            with torch.no_grad():
+                base.bias.copy_(layer.vectors(own[0])["bias"])
+        _replace(model, path, base)
     for hook in state._hooks:
         hook.remove()
     delattr(model, STATE_NAME)
+    if errors is not None:
+        errors.update(added)
     return model
 
 
