@@ -33,7 +33,8 @@ the step as a CUDA graph, which takes the host out of the loop); the first warm-
 compile.
 
 Variants: ``bare`` (frozen ``nn.Linear``), ``vera`` (vera_torch, r=256), ``peft-vera``
-(PEFT ``VeraConfig(r=256)``), ``dvora`` (vera_torch DVoRA, r=256), ``peft-dora``
+(PEFT ``VeraConfig(r=256)``), ``dvora`` (vera_torch DVoRA, r=256, exact norm gradient),
+``dvora-detached`` (the norm a constant in backward, DoRA section 4.3, as PEFT's DoRA), ``peft-dora``
 (PEFT ``LoraConfig(r=16, use_dora=True)``). PEFT variants are skipped when peft is missing.
 """
 
@@ -55,7 +56,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src" / "backends")
 
 import vera_torch as vt
 
-VARIANTS = ("bare", "vera", "peft-vera", "dvora", "peft-dora")
+VARIANTS = ("bare", "vera", "peft-vera", "dvora", "dvora-detached", "peft-dora")
 
 
 class Holder(nn.Module):
@@ -75,8 +76,8 @@ def build(variant: str, n_in: int, n_out: int, r: int, device: str, dtype: torch
     if variant == "bare":
         model.requires_grad_(False)
         return model
-    if variant in ("vera", "dvora"):
-        vt.add_vera(model, ["fc"], r=r, dvora=variant == "dvora")
+    if variant in ("vera", "dvora", "dvora-detached"):
+        vt.add_vera(model, ["fc"], r=r, dvora=variant != "vera", detach_norm=variant == "dvora-detached")
     else:
         try:
             import peft

@@ -33,6 +33,11 @@ __all__ = [
 ]
 
 
+def _flat(vector: torch.Tensor) -> torch.Tensor:
+    """A vector given as a one-row matrix (an adapter bank's row), as a vector (a view)."""
+    return vector if vector.dim() == 1 else vector.view(-1)
+
+
 class VeraFunction(torch.autograd.Function):
     """``y = base + lambda_b * (B_s (lambda_d * (A_s (x * mask))))`` with the core's gradients.
 
@@ -79,6 +84,8 @@ class VeraDenseFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, fan_in_fan_out):
+        ctx.vector_shapes = (lambda_d.shape, lambda_b.shape)
+        lambda_d, lambda_b = _flat(lambda_d), _flat(lambda_b)
         y, u = vc.vera_forward_dense(x, weight, A, B, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out)
         ctx.save_for_backward(u, weight, A, B, lambda_d, lambda_b)
         ctx.fan_in_fan_out = fan_in_fan_out
@@ -99,7 +106,8 @@ class VeraDenseFunction(torch.autograd.Function):
             input_grad=ctx.needs_input_grad[0],
             check=False,
         )
-        return grads.x, None, None, None, None, grads.lambda_d, grads.lambda_b, None
+        d_shape, b_shape = ctx.vector_shapes
+        return grads.x, None, None, None, None, grads.lambda_d.view(d_shape), grads.lambda_b.view(b_shape), None
 
 
 def vera_dense(
@@ -348,6 +356,8 @@ class DvoraDenseFunction(torch.autograd.Function):
         fan_in_fan_out,
         detach_norm,
     ):
+        ctx.vector_shapes = (magnitude.shape, lambda_d.shape, lambda_b.shape)
+        magnitude, lambda_d, lambda_b = _flat(magnitude), _flat(lambda_d), _flat(lambda_b)
         frozen = vc.DvoraFrozen(weight_sq_norm, weight_proj, gram)
         y, saved = vc.dvora_forward_dense(
             x, weight, frozen, A, B, magnitude, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out
@@ -389,6 +399,7 @@ class DvoraDenseFunction(torch.autograd.Function):
             input_grad=needs[0],
             check=False,
         )
+        m_shape, d_shape, b_shape = ctx.vector_shapes
         return (
             grads.x,
             None,
@@ -398,9 +409,9 @@ class DvoraDenseFunction(torch.autograd.Function):
             None,
             None,
             None,
-            grads.magnitude,
-            grads.lambda_d,
-            grads.lambda_b,
+            grads.magnitude.view(m_shape),
+            grads.lambda_d.view(d_shape),
+            grads.lambda_b.view(b_shape),
             None,
             None,
         )

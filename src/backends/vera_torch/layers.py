@@ -187,12 +187,51 @@ class _Step:
     """The bank has one row and ``lambda_d`` is exactly this adapter's rank: use the parameters as they are."""
     plain: bool
     """The base is a plain ``nn.Linear`` / ``Conv1D``: its forward can be replaced by the merged weight."""
-    projections: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, torch.Tensor]] = dataclasses.field(
+    projections: dict[tuple[torch.dtype, torch.device], tuple[torch.Tensor, ...]] = dataclasses.field(
         default_factory=dict
     )
+    """``(A_s^T, B_s^T, A_s, B_s)`` per compute dtype and device: A in the compute dtype, B in the vectors'."""
     dense: dict[tuple[Any, ...], bool] = dataclasses.field(default_factory=dict)
     """Whether the merged-weight path pays, per input shape, dtype and mode."""
-    """``(A_s^T, B_s^T)`` per compute dtype and device: A_s^T in the compute dtype, B_s^T in the vectors'."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Fast:
+    """The common step precomputed: one VeRA adapter, a plain ``nn.Linear`` base, no dropout, no autocast.
+
+    Built on the first eligible call of a plan (it knows the activations' dtype and device);
+    valid while the plan is and the base weight is the same tensor.
+    """
+
+    version: int
+    dtype: torch.dtype
+    device: torch.device
+    device_type: str
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    A_t: torch.Tensor
+    B_t: torch.Tensor
+    lambda_d: torch.Tensor
+    lambda_b: torch.Tensor
+    dense_tokens: tuple[int, int]
+    """Tokens from which the merged weight pays: (without gradients, with them)."""
+
+
+def _min_dense_tokens(in_features: int, out_features: int, rank: int, backward: bool) -> int:
+    """The fewest tokens for which :func:`vera_core.dense_is_cheaper` holds (it is monotone in tokens)."""
+    high = 1
+    while not vc.dense_is_cheaper(high, in_features, out_features, rank, backward=backward):
+        high *= 2
+        if high > 1 << 40:
+            return high
+    low = high // 2
+    while low + 1 < high:
+        middle = (low + high) // 2
+        if vc.dense_is_cheaper(middle, in_features, out_features, rank, backward=backward):
+            high = middle
+        else:
+            low = middle
+    return high
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -254,6 +293,7 @@ class VeraLinear(nn.Module):
         self._merge_norms: dict[str, torch.Tensor] = {}
         self._frozen_cache: dict[tuple[str, int], tuple[Any, vc.DvoraFrozen]] = {}
         self._plan: tuple[int, tuple[_Step, ...]] = (-1, ())
+        self._fast: _Fast | None = None
         object.__setattr__(self, "_state", state)  # shared, not a submodule
 
     def _apply(self, fn: Any, recurse: bool = True) -> VeraLinear:
@@ -261,6 +301,7 @@ class VeraLinear(nn.Module):
         moved = super()._apply(fn, recurse)
         self._frozen_cache.clear()
         self._plan = (-1, ())
+        self._fast = None
         return moved
 
     # ------------------------------------------------------------------ base layer
@@ -496,13 +537,13 @@ class VeraLinear(nn.Module):
         shape = lr.AdapterShape(rank, self.out_features, self.in_features)
         return lr.layer_slices(A, B, shape)
 
-    def _step_projections(self, step: _Step, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A_s^T, B_s^T)`` for ``step`` and the activations ``x``, cached on the plan."""
+    def _step_projections(self, step: _Step, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """``(A_s^T, B_s^T, A_s, B_s)`` for ``step`` and the activations ``x``, cached on the plan."""
         cache_key = (x.dtype, x.device)
         found = step.projections.get(cache_key)
         if found is None:
             A_s, B_s = self._projections(step.bank.key, step.rank, x.dtype, step.bank.lambda_b.dtype, x.device)
-            found = (A_s.T, B_s.T)
+            found = (A_s.T, B_s.T, A_s, B_s)
             if not torch.compiler.is_compiling():
                 step.projections[cache_key] = found
         return found
@@ -590,6 +631,23 @@ class VeraLinear(nn.Module):
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The base output plus every active, unmerged adapter (or per-row adapters in a mixed batch)."""
         state = self._state
+        fast = self._fast
+        if (
+            fast is not None
+            and fast.version == state.version
+            and state.rows is None
+            and not state.disabled
+            and not args
+            and not kwargs
+            and x.dtype == fast.dtype
+            and x.device == fast.device
+            and not torch.is_autocast_enabled(fast.device_type)
+            and self.base_layer._parameters["weight"] is fast.weight
+            and x.numel() // self.in_features < fast.dense_tokens[torch.is_grad_enabled()]
+        ):
+            C_t = lr.fold_row_t(xp, fast.B_t, fast.lambda_d, fast.lambda_b)
+            base = functional.linear(x, fast.weight, fast.bias)
+            return lr.add_product_t(xp, base, lr.project_t(xp, x, fast.A_t), C_t)
         if state.disabled or args or kwargs:
             if not state.disabled and (state.rows is not None or self._plan_steps()):
                 raise TypeError("a VeraLinear with adapters takes only the input tensor")
@@ -608,14 +666,49 @@ class VeraLinear(nn.Module):
         elif len(steps) == 1 and (dense := self._dense_forward(first, xc)) is not None:
             return dense
         else:
+            if len(steps) == 1 and xc is x and not torch.compiler.is_compiling():
+                self._fast = self._fast_step(first, x)
             own = next((s for s in steps if s.own_bias), None)
             result = self._base(xc, True if own is None else self._rows_of(own, "bias")[0])
             rest = steps
         for step in rest:
-            A_t, B_t = self._step_projections(step, xc)
+            A_t, B_t = self._step_projections(step, xc)[:2]
             C_t = lr.fold_row_t(xp, B_t, self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b"))
             result = lr.add_product_t(xp, result, lr.project_t(xp, self._dropped(step, xc), A_t), C_t)
         return result
+
+    def _fast_step(self, step: _Step, x: torch.Tensor) -> _Fast | None:
+        """The precomputed common step for ``step`` and activations like ``x``, when it applies."""
+        base = self.base_layer
+        weight = base._parameters.get("weight")
+        bias = base._parameters.get("bias")
+        if (
+            type(base) is not nn.Linear
+            or step.own_bias
+            or step.dropout
+            or not step.whole_row
+            or weight is None
+            or weight.dtype != x.dtype
+            or weight.requires_grad
+            or (bias is not None and (bias.requires_grad or bias.dtype != x.dtype))
+            or torch.is_autocast_enabled(x.device.type)
+        ):
+            return None
+        A_t, B_t = self._step_projections(step, x)[:2]
+        dense = tuple(_min_dense_tokens(self.in_features, self.out_features, step.rank, grad) for grad in (False, True))
+        return _Fast(
+            self._state.version,
+            x.dtype,
+            x.device,
+            x.device.type,
+            weight,
+            bias,
+            A_t,
+            B_t,
+            step.rows["lambda_d"],
+            step.rows["lambda_b"],
+            typing.cast(tuple[int, int], dense),
+        )
 
     def _merged_weight_pays(self, step: _Step, x: torch.Tensor, weight: Any) -> bool:
         """Whether the merged-weight formulation applies to ``weight`` and needs fewer multiply-adds.
@@ -646,10 +739,10 @@ class VeraLinear(nn.Module):
         weight, bias = base._parameters["weight"], base._parameters["bias"]
         if bias is not None and bias.requires_grad:
             return None
-        A_t, B_t = self._step_projections(step, x)
-        d, b = self._rows_of(step, "lambda_d")[0], self._rows_of(step, "lambda_b")[0]
+        A_s, B_s = self._step_projections(step, x)[2:]
+        d, b = self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b")
         with _no_autocast(x):
-            return vera_dense(x, weight, bias, A_t.T, B_t.T, d, b, fan_in_fan_out=self.fan_in_fan_out)
+            return vera_dense(x, weight, bias, A_s, B_s, d, b, fan_in_fan_out=self.fan_in_fan_out)
 
     def _dvora_forward(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
         """DVoRA through the merged weight where it pays, else factored (autograd through the core's pieces).
@@ -658,7 +751,7 @@ class VeraLinear(nn.Module):
         come from its dequantized weight once per weight state.
         """
         frozen = self._frozen(step.bank.key, step.rank)
-        A_t, B_t = self._step_projections(step, x)
+        A_t, B_t, A_s, B_s = self._step_projections(step, x)
         d_row, b_row = self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b")
         magnitude = self._rows_of(step, "magnitude")
         bias = self._rows_of(step, "bias")[0] if step.own_bias else self.bias
@@ -669,11 +762,11 @@ class VeraLinear(nn.Module):
                     self.base_layer._parameters["weight"],
                     bias,
                     frozen,
-                    A_t.T,
-                    B_t.T,
-                    magnitude[0],
-                    d_row[0],
-                    b_row[0],
+                    A_s,
+                    B_s,
+                    magnitude,
+                    d_row,
+                    b_row,
                     fan_in_fan_out=self.fan_in_fan_out,
                     detach_norm=step.detach_norm,
                 )
