@@ -197,7 +197,8 @@ class _Step:
 
 @dataclasses.dataclass(frozen=True)
 class _Fast:
-    """The common step precomputed: one VeRA adapter, a plain ``nn.Linear`` base, no dropout, no autocast.
+    """The common step precomputed: one VeRA adapter, a plain ``nn.Linear`` base, no dropout, inputs in
+    the compute dtype (no autocast, or autocast to the dtype the model already has).
 
     Built on the first eligible call of a plan (it knows the activations' dtype and device);
     valid while the plan is and the base weight is the same tensor.
@@ -641,7 +642,9 @@ class VeraLinear(nn.Module):
             and not kwargs
             and x.dtype == fast.dtype
             and x.device == fast.device
-            and not torch.is_autocast_enabled(fast.device_type)
+            and (
+                not torch.is_autocast_enabled(fast.device_type) or torch.get_autocast_dtype(fast.device_type) == x.dtype
+            )
             and self.base_layer._parameters["weight"] is fast.weight
             and x.numel() // self.in_features < fast.dense_tokens[torch.is_grad_enabled()]
         ):
@@ -691,7 +694,7 @@ class VeraLinear(nn.Module):
             or weight.dtype != x.dtype
             or weight.requires_grad
             or (bias is not None and (bias.requires_grad or bias.dtype != x.dtype))
-            or torch.is_autocast_enabled(x.device.type)
+            or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)
         ):
             return None
         A_t, B_t = self._step_projections(step, x)[:2]
