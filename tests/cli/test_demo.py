@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import sys
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from vera_cli.demo.plot import accuracy_range, plot
+from vera_cli.demo.report import Result
 from vera_cli.main import main
 from vera_core.adapter_file import load_adapter_file
 
@@ -98,3 +101,52 @@ def test_quick_demo_on_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert sorted(config.layers) == ["fc1", "fc2", "head"]
     assert main(["inspect", str(out / "vera.safetensors")]) == 0
     assert "[OK]" in capsys.readouterr().out
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quick = ["demo", "--quick", "--methods", "vera"]
+    assert main([*quick, "--out", str(tmp_path / "piped")]) == 0
+    piped = capsys.readouterr()
+    assert piped.err == "" and "\r" not in piped.out  # captured streams are no terminal
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*quick, "--out", str(tmp_path / "terminal")]) == 0
+    assert "pretraining" in terminal.getvalue() and "\r" in terminal.getvalue()
+    silenced = Terminal()
+    monkeypatch.setattr(sys, "stderr", silenced)
+    assert main([*quick, "--no-progress", "--out", str(tmp_path / "silenced")]) == 0
+    assert silenced.getvalue() == ""
+
+
+def test_plot_zooms_to_the_results_and_labels_the_before_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib import pyplot as plt
+
+    close = plt.close
+    figures: list[object] = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    results = [
+        Result("full", "Full fine-tuning", 26122, "full.safetensors", 1, 0.096, 0.970, 0.2),
+        Result("vera", "VeRA (r=128)", 650, "vera.safetensors", 1, 0.096, 0.915, 0.4),
+    ]
+    plot(results, tmp_path / "plot.png", title="t")
+    (figure,) = figures
+    try:
+        top = figure.axes[0]
+        low, high = top.get_ylim()
+        assert (low, high) == accuracy_range([100 * r.accuracy_after for r in results])
+        assert 90 < low < 91.5 and 97 < high < 99
+        texts = [text.get_text() for axes in figure.axes for text in axes.texts]
+        assert "before adaptation: 9.6%" in texts
+        assert "VeRA (r=128): 91.5%" in texts and "Full fine-tuning: 97.0%" in texts
+    finally:
+        close(figure)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
