@@ -38,31 +38,34 @@ def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
 
     after = [100 * r.accuracy_after for r in results] or [0.0, 100.0]
     low, high = accuracy_range(after)
     before = 100 * results[0].accuracy_before if results else None
-    broken = before is not None and before < low - (high - low) / 2
-    if broken:
-        figure, (axes, below) = plt.subplots(
-            2, 1, sharex=True, figsize=(6.4, 4.6), dpi=120, layout="constrained", height_ratios=(5, 1)
+    line = None
+    if before is not None and before < low - (high - low) / 2:  # far below: its own panel, the axis broken
+        figure, (axes, line) = plt.subplots(
+            2,
+            1,
+            sharex=True,
+            figsize=(6.4, 4.6),
+            dpi=120,
+            layout=ConstrainedLayoutEngine(hspace=0.0, h_pad=0.03),
+            height_ratios=(5, 1),
         )
-        figure.get_layout_engine().set(hspace=0.0, h_pad=0.03)
-        _break(axes, below)
-        below.set_ylim(before - 2, before + 2)
-        below.set_yticks([before], [f"{before:.1f}"])
-        below.grid(True, which="both", alpha=0.3)
-        lowest = below
+        _break(axes, line)
+        line.set_ylim(before - 2, before + 2)
+        line.set_yticks([before], [f"{before:.1f}"])
+        line.grid(True, which="both", alpha=0.3)
     else:
         figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120, layout="constrained")
         if before is not None:
             low = min(low, round(before - 1, 1))
-        lowest = axes
     axes.set_ylim(low, high)
     if before is not None:
-        line = below if broken else axes
-        line.axhline(before, color="grey", linestyle="--", linewidth=1)
-        line.annotate(
+        (line or axes).axhline(before, color="grey", linestyle="--", linewidth=1)
+        (line or axes).annotate(
             f"before adaptation: {before:.1f}%",
             (1.0, before),
             xycoords=("axes fraction", "data"),
@@ -92,7 +95,7 @@ def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
     if results:
         counts = [r.trainable_parameters for r in results]
         axes.set_xlim(min(counts) / 2, max(counts) * 4)
-    lowest.set_xlabel("trainable parameters (log scale)")
+    (line or axes).set_xlabel("trainable parameters (log scale)")
     axes.set_ylabel("test accuracy on the new task (%)")
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
