@@ -57,6 +57,9 @@ class Suite:
     needs_gpu: bool = False
 
 
+# A new test session is one entry here: the summary reads this table. A test file that imports
+# a package only its session installs goes into NEEDS in conftest.py, so that the other
+# sessions do not collect it.
 SUITES: dict[str, Suite] = {
     "numpy": Suite("The suite on NumPy; the packaging tests (sdist, wheel).", ("numpy",), "numpy", ("build",)),
     "strict": Suite("The suite on array-api-strict.", ("strict",), "array_api_strict"),

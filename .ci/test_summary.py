@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         print("\nproblems:")
         for problem in problems:
             print(f"  {problem}")
-    print(f"\nall sessions: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
+    print(f"\ntotal: {total['passed']} passed, {total['failed']} failed, {total['skipped']} skipped")
     return 1 if problems else 0
 
 

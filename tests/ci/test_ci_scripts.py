@@ -100,7 +100,7 @@ def test_summary_passes_when_every_test_ran_somewhere(tmp_path: Path, capsys: py
     assert "jax                3        2       0" in out
     assert "cupy         session skipped: cupy needs a CUDA GPU" in out
     assert "torch not installed" in out and "torch-cuda: no CUDA device" in out  # every skip reason is listed
-    assert out.rstrip().endswith("all sessions: 5 passed, 0 failed, 5 skipped")
+    assert out.rstrip().endswith("total: 5 passed, 0 failed, 5 skipped")
 
 
 def test_summary_fails_on_a_test_skipped_in_every_session(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -133,6 +133,14 @@ def test_summary_counts_a_module_skipped_at_collection_as_covered_where_it_ran(
 def test_readme_first_command_is_one_line_that_installs_and_runs_the_demo() -> None:
     (command,) = readme.console_blocks((ROOT / "README.md").read_text())[0]
     assert 'pip install ".[demo]"' in command and command.endswith("vera demo")
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    """``.ci/run`` runs exactly the README's second command, the whole test matrix."""
+    (command,) = readme.console_blocks((ROOT / "README.md").read_text())[1]
+    script = (ROOT / ".ci" / "run").read_text().splitlines()
+    assert command == "python3 -m pip install nox && python3 -m nox"
+    assert script[-1] == command and "set -euo pipefail" in script
 
 
 @pytest.mark.requires("sklearn", "matplotlib", "tqdm")
