@@ -71,10 +71,10 @@ def test_file_contents(tmp_path: Path) -> None:
     assert {t.dtype for t in tensors.values()} == {np.dtype(np.float64)}
 
 
+@pytest.mark.requires("array_api_strict")
 def test_file_moves_between_namespaces(tmp_path: Path) -> None:
     import array_api_compat.numpy as np_xp
-
-    strict_xp = pytest.importorskip("array_api_strict", reason="the strict session moves files between namespaces")
+    import array_api_strict as strict_xp
 
     strict_model = add_vera(float32_weights(strict_xp), TARGETS, r=4, seed=1)
     train_a_little(strict_xp, strict_model)
@@ -118,8 +118,8 @@ def save_adapter_file_plain(path: Path) -> None:
 
 def torch_outputs(path: Path, host_weights: dict[str, np.ndarray], inputs: dict[str, np.ndarray]) -> dict[str, Any]:
     """Each adapted layer's output computed by vera_core on torch tensors from the file alone."""
-    torch = pytest.importorskip("torch")
     import array_api_compat.torch as txp
+    import torch
 
     config, tensors = load_adapter_file(path, framework="torch")
     A, B = vc.generate_projections(config.seed, config.r, config.max_in, config.max_out, xp=txp)
@@ -139,9 +139,9 @@ def torch_outputs(path: Path, host_weights: dict[str, np.ndarray], inputs: dict[
     return result
 
 
+@pytest.mark.requires("torch")
 @pytest.mark.parametrize("dvora", [False, True])
 def test_numpy_adapter_gives_the_same_outputs_in_torch(tmp_path: Path, dvora: bool) -> None:
-    pytest.importorskip("torch")
     import array_api_compat.numpy as xp
 
     weights = float32_weights(xp)
@@ -156,10 +156,11 @@ def test_numpy_adapter_gives_the_same_outputs_in_torch(tmp_path: Path, dvora: bo
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+@pytest.mark.requires("torch")
 @pytest.mark.parametrize("dvora", [False, True])
 def test_torch_adapter_gives_the_same_outputs_in_numpy(tmp_path: Path, dvora: bool) -> None:
-    torch = pytest.importorskip("torch")
     import array_api_compat.numpy as xp
+    import torch
 
     weights = {name: np.asarray(value) for name, value in float32_weights(xp).items()}
     specs = {"enc.0.fc": LayerSpec(7, 3, 5), "enc.1.fc": LayerSpec(6, 4, 7)}
@@ -185,16 +186,19 @@ def test_torch_adapter_gives_the_same_outputs_in_numpy(tmp_path: Path, dvora: bo
 
 def torch_mlp() -> Any:
     """A torch MLP whose state_dict is a weight dictionary with layers fc1 and fc2."""
-    torch = pytest.importorskip("torch")
+    import torch
+
     torch.manual_seed(0)
     return torch.nn.Sequential(OrderedDict(fc1=torch.nn.Linear(5, 7), act=torch.nn.ReLU(), fc2=torch.nn.Linear(7, 6)))
 
 
+@pytest.mark.requires("torch")
 @pytest.mark.parametrize("dvora", [False, True])
 def test_adapters_move_both_ways_through_vera_torch(tmp_path: Path, dvora: bool) -> None:
-    torch = pytest.importorskip("torch")
-    vt = pytest.importorskip("vera_torch")
     import array_api_compat.numpy as xp
+    import torch
+
+    import vera_torch as vt
 
     torch_net = torch_mlp()
     weights = {name: value.detach().numpy().copy() for name, value in torch_net.state_dict().items()}
@@ -220,10 +224,13 @@ def test_adapters_move_both_ways_through_vera_torch(tmp_path: Path, dvora: bool)
         np.testing.assert_allclose(loaded_net.forward(x), other(torch.from_numpy(x)).numpy(), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.requires("torch")
 def test_torch_bias_all_adapter_runs_in_numpy(tmp_path: Path) -> None:
     """A torch adapter trained with bias='all' carries the biases of layers it does not adapt."""
-    torch = pytest.importorskip("torch")
-    vt = pytest.importorskip("vera_torch")
+    import torch
+
+    import vera_torch as vt
+
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
     weights = {

@@ -60,7 +60,8 @@ def train(
 @pytest.fixture(scope="module")
 def digits() -> dict[str, Any]:
     """Digits 0-4 (pretraining), digits 5-9 split in halves (adaptation, evaluation), and the pretrained weights."""
-    load_digits = pytest.importorskip("sklearn.datasets").load_digits
+    from sklearn.datasets import load_digits
+
     X, y = load_digits(return_X_y=True)
     rng = np.random.default_rng(0)
     order = rng.permutation(len(X))
@@ -83,6 +84,7 @@ def digits() -> dict[str, Any]:
     }
 
 
+@pytest.mark.requires("sklearn")
 @pytest.mark.parametrize("dvora", [False, True])
 def test_adapter_learns_new_digits(digits: dict[str, Any], dvora: bool, tmp_path: Path) -> None:
     assert digits["accuracy_old"] > 0.97

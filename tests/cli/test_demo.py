@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from vera_cli.demo.plot import accuracy_range, plot
+from vera_cli.demo.report import Result
 from vera_cli.main import main
 from vera_core.adapter_file import load_adapter_file
 
@@ -76,22 +80,18 @@ def test_demo_subset_and_errors(tmp_path: Path, capsys: pytest.CaptureFixture[st
     capsys.readouterr()
 
 
-def test_demo_cupy_without_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            pytest.skip("a CUDA GPU is present")
-    except Exception:  # CuPy missing, or no driver: the case under test
-        pass
+def test_demo_cupy_without_cupy(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "cupy", None)  # `import cupy` fails, as where it is not installed
     assert main(["demo", "--backend", "cupy", "--out", str(tmp_path / "x")]) == 1
     err = capsys.readouterr().err
     assert "cupy" in err.lower() and err.count("\n") == 1
     assert not (tmp_path / "x").exists()
 
 
+@pytest.mark.requires("torch")
 def test_quick_demo_on_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("torch")
     out = tmp_path / "demo"
     assert main(["demo", "--backend", "torch", "--quick", "--no-progress", "--out", str(out)]) == 0
     capsys.readouterr()
@@ -101,3 +101,52 @@ def test_quick_demo_on_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     assert sorted(config.layers) == ["fc1", "fc2", "head"]
     assert main(["inspect", str(out / "vera.safetensors")]) == 0
     assert "[OK]" in capsys.readouterr().out
+
+
+class Terminal(io.StringIO):
+    """A stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bars_only_on_a_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    quick = ["demo", "--quick", "--methods", "vera"]
+    assert main([*quick, "--out", str(tmp_path / "piped")]) == 0
+    piped = capsys.readouterr()
+    assert piped.err == "" and "\r" not in piped.out  # captured streams are no terminal
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main([*quick, "--out", str(tmp_path / "terminal")]) == 0
+    assert "pretraining" in terminal.getvalue() and "\r" in terminal.getvalue()
+    silenced = Terminal()
+    monkeypatch.setattr(sys, "stderr", silenced)
+    assert main([*quick, "--no-progress", "--out", str(tmp_path / "silenced")]) == 0
+    assert silenced.getvalue() == ""
+
+
+def test_plot_zooms_to_the_results_and_labels_the_before_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from matplotlib import pyplot as plt
+
+    close = plt.close
+    figures: list[object] = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    results = [
+        Result("full", "Full fine-tuning", 26122, "full.safetensors", 1, 0.096, 0.970, 0.2),
+        Result("vera", "VeRA (r=128)", 650, "vera.safetensors", 1, 0.096, 0.915, 0.4),
+    ]
+    plot(results, tmp_path / "plot.png", title="t")
+    (figure,) = figures
+    try:
+        top = figure.axes[0]
+        low, high = top.get_ylim()
+        assert (low, high) == accuracy_range([100 * r.accuracy_after for r in results])
+        assert 90 < low < 91.5 and 97 < high < 99
+        texts = [text.get_text() for axes in figure.axes for text in axes.texts]
+        assert "before adaptation: 9.6%" in texts
+        assert "VeRA (r=128): 91.5%" in texts and "Full fine-tuning: 97.0%" in texts
+    finally:
+        close(figure)
+    assert (tmp_path / "plot.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

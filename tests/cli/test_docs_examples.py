@@ -15,8 +15,8 @@ def python_blocks(page: str) -> str:
     return "\n".join(re.findall(r"```python\n(.*?)```", (DOCS / page).read_text(), flags=re.DOTALL))
 
 
+@pytest.mark.requires("jax")
 def test_jax_page_runs(capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("jax")
     exec(compile(python_blocks("jax.md"), "docs/jax.md", "exec"), {})
     printed = capsys.readouterr().out
     assert "jax.grad agrees with vera_backward" in printed and "DVoRA gradients agree" in printed

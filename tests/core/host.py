@@ -23,12 +23,12 @@ def bits(array: np.ndarray) -> np.ndarray:
     return array.view(f"u{array.dtype.itemsize}")
 
 
-def require_dtype(xp: Any, device: Any, name: str) -> Any:
-    """The dtype called ``name`` of ``xp``, skipping the test where ``device`` lacks it."""
+def dtypes(*names: str) -> list[Any]:
+    """``parametrize`` values naming floating dtypes, each deselected on a backend without it.
+
+    The test takes the dtype itself with ``getattr(xp, name)``; ``tests/conftest.py`` reads
+    the ``needs_dtype`` marks at collection.
+    """
     import pytest
 
-    from vera_core.testing._values import supported_floats
-
-    if name not in supported_floats(xp, device):
-        pytest.skip(f"no {name} on this device")
-    return getattr(xp, name)
+    return [pytest.param(name, id=name, marks=pytest.mark.needs_dtype(name)) for name in names]

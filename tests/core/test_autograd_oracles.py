@@ -11,7 +11,7 @@ import pytest
 from vera_core.testing import Case, Layer
 from vera_core.testing.adapter_checks import adapter_grads, compare_grads
 
-from .host import require_dtype
+from .host import dtypes
 
 CASE = Case(batch=(2, 3), dropout=True, bias=True, fan_in_fan_out=True, seed=7)
 
@@ -33,14 +33,16 @@ def plain_loss(v: dict[str, Any], method: str, case: Case, stop_gradient: Callab
 
 
 def torch_grads(values: dict[str, np.ndarray], names: tuple[str, ...], method: str, detach: bool) -> dict[str, Any]:
-    torch = pytest.importorskip("torch")
+    import torch
+
     tensors = {k: torch.tensor(a, dtype=torch.float64, requires_grad=k in names) for k, a in values.items()}
     plain_loss(tensors, method, CASE, (lambda t: t.detach()) if detach else None).backward()
     return {name: tensors[name].grad.tolist() for name in names}
 
 
 def jax_grads(values: dict[str, np.ndarray], names: tuple[str, ...], method: str, detach: bool) -> dict[str, Any]:
-    jax = pytest.importorskip("jax")
+    import jax
+
     jax.config.update("jax_enable_x64", True)
     arrays = {k: jax.numpy.asarray(a, dtype=jax.numpy.float64) for k, a in values.items()}
 
@@ -51,16 +53,18 @@ def jax_grads(values: dict[str, np.ndarray], names: tuple[str, ...], method: str
     return {name: np.asarray(grads[name]).tolist() for name in names}
 
 
-ORACLES = {"torch.autograd": torch_grads, "jax.grad": jax_grads}
+ORACLES = [
+    pytest.param(torch_grads, id="torch.autograd", marks=pytest.mark.requires("torch")),
+    pytest.param(jax_grads, id="jax.grad", marks=pytest.mark.requires("jax")),
+]
 MODES = {"vera": ("vera", False), "dvora": ("dvora", False), "dvora-detached": ("dvora", True)}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float64"])
+@pytest.mark.parametrize("dtype", dtypes("float32", "float64"))
 @pytest.mark.parametrize("mode", MODES.values(), ids=MODES.keys())
-@pytest.mark.parametrize("oracle", ORACLES.values(), ids=ORACLES.keys())
+@pytest.mark.parametrize("oracle", ORACLES)
 def test_backward_matches_autodiff(xp: Any, device: Any, oracle: Any, mode: tuple[str, bool], dtype: str) -> None:
     method, detach = mode
-    require_dtype(xp, device, dtype)
     layer = Layer.build(CASE, xp, device, dtype)
     names = layer.grad_names(method)
     expected = oracle({k: np.asarray(v, dtype=np.float64) for k, v in layer.values.items()}, names, method, detach)

@@ -9,7 +9,7 @@ import pytest
 
 import vera_core as vc
 
-from .host import require_dtype, to_numpy
+from .host import dtypes, to_numpy
 
 SHAPE = {"tokens": 7, "in": 9, "out": 5, "rank": 3, "shared_rank": 4, "max_in": 11, "max_out": 6}
 
@@ -33,9 +33,9 @@ def _problem(xp: Any, device: Any, dtype: Any, fan_in_fan_out: bool) -> dict[str
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", dtypes("float32", "float64"))
 def test_dense_equals_factored(xp: Any, device: Any, dtype_name: str, fan_in_fan_out: bool) -> None:
-    dtype = require_dtype(xp, device, dtype_name)
+    dtype = getattr(xp, dtype_name)
     p = _problem(xp, device, dtype, fan_in_fan_out)
     vectors = (p["A"], p["B"], p["lambda_d"], p["lambda_b"])
     y, u = vc.vera_forward_dense(p["x"], p["weight"], *vectors, bias=p["bias"], fan_in_fan_out=fan_in_fan_out)
@@ -84,11 +84,11 @@ def _half_problem(xp: Any, device: Any, half: Any, fan_in_fan_out: bool) -> tupl
 
 
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-@pytest.mark.parametrize("half_name", ["float16", "bfloat16"])
+@pytest.mark.parametrize("half_name", dtypes("float16", "bfloat16"))
+@pytest.mark.needs_dtype("float64")
 def test_dense_16_bit_is_as_accurate_as_factored(xp: Any, device: Any, half_name: str, fan_in_fan_out: bool) -> None:
     """16-bit merged weight: errors against float64 (same inputs) no larger than the factored form's."""
-    half = require_dtype(xp, device, half_name)
-    require_dtype(xp, device, "float64")
+    half = getattr(xp, half_name)
     low, wide = _half_problem(xp, device, half, fan_in_fan_out)
     flip = {"fan_in_fan_out": fan_in_fan_out}
 
@@ -132,11 +132,11 @@ def test_dense_is_cheaper_counts_multiply_adds(
 
 @pytest.mark.parametrize("detach_norm", [False, True])
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", dtypes("float32", "float64"))
 def test_dvora_dense_equals_factored(
     xp: Any, device: Any, dtype_name: str, fan_in_fan_out: bool, detach_norm: bool
 ) -> None:
-    dtype = require_dtype(xp, device, dtype_name)
+    dtype = getattr(xp, dtype_name)
     p = _problem(xp, device, dtype, fan_in_fan_out)
     rank = SHAPE["rank"]
     frozen = vc.dvora_precompute(p["weight"], p["A"], rank, fan_in_fan_out=fan_in_fan_out)
@@ -197,9 +197,10 @@ def test_backward_without_checks_gives_the_same_gradients(xp: Any, device: Any, 
             _same(got, want)
 
 
+@pytest.mark.needs_dtype("float16")
 def test_b_may_be_kept_in_the_vectors_dtype(xp: Any, device: Any) -> None:
     """B beside 16-bit activations and A: in the vectors' float32, exactly as the same values in 16 bits."""
-    half = require_dtype(xp, device, "float16")
+    half = xp.float16
     low, _ = _half_problem(xp, device, half, False)
     A, B = xp.astype(low["A"], half), xp.astype(low["B"], half)
     B_wide = xp.astype(B, xp.float32)  # exact: every float16 is a float32

@@ -9,12 +9,12 @@ import pytest
 
 import vera_core as vc
 
-from .host import require_dtype, to_numpy
+from .host import dtypes, to_numpy
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", dtypes("float32", "float64"))
 def test_rows_equal_one_adapter_per_row(xp: Any, device: Any, dtype_name: str) -> None:
-    dtype = require_dtype(xp, device, dtype_name)
+    dtype = getattr(xp, dtype_name)
     rng = np.random.default_rng(3)
     batch, tokens, n_in, n_out, rank = 4, 3, 7, 5, 4
     A, B = vc.generate_projections(9, 6, 8, 6, xp=xp, dtype=dtype, device=device)
@@ -44,10 +44,10 @@ def test_rows_check_their_shapes(xp: Any, device: Any) -> None:
         )
 
 
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", dtypes("float32", "float64"))
 def test_dvora_rows_equal_one_adapter_per_row(xp: Any, device: Any, dtype_name: str) -> None:
     """Rows of two DVoRA adapters (ranks 4 and 2), none and a VeRA adapter: each as if run alone."""
-    dtype = require_dtype(xp, device, dtype_name)
+    dtype = getattr(xp, dtype_name)
     rng = np.random.default_rng(5)
     batch, tokens, n_in, n_out = 4, 3, 7, 5
     A, B = vc.generate_projections(9, 6, 8, 6, xp=xp, dtype=dtype, device=device)

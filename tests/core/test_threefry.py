@@ -27,13 +27,13 @@ def test_random123_known_answers(
 
 def _jax_threefry() -> Any:
     """JAX's raw Threefry-2x32 hash: ``(key (2,) uint32, count uint32) -> uint32`` of count's shape."""
-    pytest.importorskip("jax", reason="JAX is the independent Threefry oracle")
     import jax.extend.random
 
     return jax.extend.random.threefry_2x32
 
 
 @REPRESENTATIONS
+@pytest.mark.requires("jax")  # JAX is the independent Threefry oracle
 def test_bit_identical_to_jax(xp: Any, device: Any, force_int64: bool) -> None:
     threefry_2x32 = _jax_threefry()
     import jax.numpy as jnp

@@ -4,44 +4,110 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from vera_cli.demo.report import Result
 from vera_core.adapter_file import write_atomically
 
 
+def accuracy_range(values: Sequence[float], *, margin: float = 0.2, least: float = 4.0) -> tuple[float, float]:
+    """The y range (in %) that shows ``values`` with a margin, at least ``least`` points tall, within 0-100.
+
+    Examples
+    --------
+    >>> accuracy_range([91.5, 95.6, 97.0])
+    (90.4, 98.1)
+    >>> accuracy_range([99.0])
+    (96.0, 100.0)
+    """
+    low, high = min(values), max(values)
+    pad = max((high - low) * margin, (least - (high - low)) / 2, 0.0)
+    low, high = max(low - pad, 0.0), min(high + pad, 100.0)
+    if high - low < least:  # pushed against 0 or 100: grow the other way
+        low, high = (max(high - least, 0.0), high) if high == 100.0 else (low, min(low + least, 100.0))
+    return round(low, 1), round(high, 1)
+
+
 def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
-    """Save a PNG: one point per method, before-adaptation accuracy as a dashed line."""
+    """Save a PNG: one point per method, the before-adaptation accuracy as a labelled dashed line.
+
+    The accuracy axis is zoomed to the adapted accuracies. When the before-adaptation
+    accuracy lies far below them, it gets a slim panel of its own under a broken axis.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot as plt
+    from matplotlib.layout_engine import ConstrainedLayoutEngine
 
-    figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120)
-    # neighbours on the x axis alternate their labels below and above, so they do not overlap
+    after = [100 * r.accuracy_after for r in results] or [0.0, 100.0]
+    low, high = accuracy_range(after)
+    before = 100 * results[0].accuracy_before if results else None
+    line = None
+    if before is not None and before < low - (high - low) / 2:  # far below: its own panel, the axis broken
+        figure, (axes, line) = plt.subplots(
+            2,
+            1,
+            sharex=True,
+            figsize=(6.4, 4.6),
+            dpi=120,
+            layout=ConstrainedLayoutEngine(hspace=0.0, h_pad=0.03),
+            height_ratios=(5, 1),
+        )
+        _break(axes, line)
+        line.set_ylim(before - 2, before + 2)
+        line.set_yticks([before], [f"{before:.1f}"])
+        line.grid(True, which="both", alpha=0.3)
+    else:
+        figure, axes = plt.subplots(figsize=(6.4, 4.2), dpi=120, layout="constrained")
+        if before is not None:
+            low = min(low, round(before - 1, 1))
+    axes.set_ylim(low, high)
+    if before is not None:
+        (line or axes).axhline(before, color="grey", linestyle="--", linewidth=1)
+        (line or axes).annotate(
+            f"before adaptation: {before:.1f}%",
+            (1.0, before),
+            xycoords=("axes fraction", "data"),
+            xytext=(-4, 3),
+            textcoords="offset points",
+            ha="right",
+            va="bottom",
+            fontsize=9,
+            color="dimgrey",
+        )
+    # neighbours on the x axis alternate their labels below and above, so they do not overlap;
+    # the rightmost label stands to the left of its point
     by_size = sorted(results, key=lambda r: r.trainable_parameters)
     for index, result in enumerate(by_size):
-        axes.scatter(result.trainable_parameters, 100 * result.accuracy_after, s=60, zorder=3)
+        point = (result.trainable_parameters, 100 * result.accuracy_after)
+        axes.scatter(*point, s=60, zorder=3)
+        last = index == len(by_size) - 1
         axes.annotate(
-            result.label,
-            (result.trainable_parameters, 100 * result.accuracy_after),
+            f"{result.label}: {point[1]:.1f}%",
+            point,
             textcoords="offset points",
-            xytext=(6, -14 if index % 2 == 0 else 7),
+            xytext=(-6 if last else 6, -14 if index % 2 == 0 else 7),
+            ha="right" if last else "left",
             fontsize=9,
         )
-    if results:
-        axes.axhline(
-            100 * results[0].accuracy_before, color="grey", linestyle="--", linewidth=1, label="before adaptation"
-        )
-        axes.legend(loc="lower right", fontsize=9)
     axes.set_xscale("log")
     if results:
         counts = [r.trainable_parameters for r in results]
         axes.set_xlim(min(counts) / 2, max(counts) * 4)
-    axes.set_xlabel("trainable parameters (log scale)")
+    (line or axes).set_xlabel("trainable parameters (log scale)")
     axes.set_ylabel("test accuracy on the new task (%)")
-    axes.set_ylim(0, 108)
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
-    figure.tight_layout()
     write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
+
+
+def _break(top: Any, bottom: Any) -> None:
+    """Draw the two panels as one axis with a gap: no spines between them, diagonal marks at the cut."""
+    top.spines["bottom"].set_visible(False)
+    bottom.spines["top"].set_visible(False)
+    top.tick_params(axis="x", which="both", bottom=False)
+    marks = {"marker": [(-1, -0.5), (1, 0.5)], "markersize": 10, "linestyle": "none", "color": "k", "clip_on": False}
+    top.plot([0, 1], [0, 0], transform=top.transAxes, **marks)
+    bottom.plot([0, 1], [1, 1], transform=bottom.transAxes, **marks)

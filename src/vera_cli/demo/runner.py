@@ -67,13 +67,14 @@ def engine(name: str) -> Engine:
 
 
 def _bar(total: int, label: str, enabled: bool) -> Any:
+    """A progress bar on stderr, drawn only when stderr is a terminal (piped or redirected output stays clean)."""
     from tqdm.auto import tqdm
 
     return tqdm(
         total=total,
         desc=f"{label:<18}",
         unit="step",
-        disable=not enabled,
+        disable=not (enabled and sys.stderr.isatty()),
         file=sys.stderr,
         dynamic_ncols=True,
         leave=True,

@@ -205,7 +205,7 @@ def unavailable(case: ErrorCase, xp: Any, device: Any = None, other_device: Any 
     'no second device to put an argument on'
     """
     if case.needs == "float64" and "float64" not in supported_floats(xp, device):
-        return "no float64 on this device"
+        return f"no float64 on device {device!r}"
     if case.needs == "two devices" and other_device is None:
         return "no second device to put an argument on"
     return None
