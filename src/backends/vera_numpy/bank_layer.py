@@ -39,6 +39,10 @@ class Rows:
     """(batch,) each row's position in ``used``."""
     first: int
     """Where the adapters start in ``used`` (1 when ``used[0]`` is ``-1``)."""
+    safe: Any
+    """``slots`` with ``-1`` replaced by 0: a row to gather for rows without an adapter (then masked)."""
+    valid: Any
+    """(batch, 1) bool: the rows with an adapter (None when every row has one)."""
     dropout: Any = None
     """(batch,) each row's adapter's dropout probability, or None when no row has dropout."""
 
@@ -51,12 +55,19 @@ class Rows:
     def of(cls, backend: Backend, slots: np.ndarray, dropout: np.ndarray | None) -> Rows:
         """The selection from host slots (and per-slot dropout probabilities), copied to the device once."""
         used, inverse = np.unique(slots, return_inverse=True)
-        int64 = backend.xp.int64
+        xp = backend.xp
+
+        def device(host: np.ndarray) -> Any:
+            return xp.astype(backend.from_host(host), xp.int64)
+
+        first = int(used.shape[0] > 0 and used[0] < 0)
         return cls(
-            backend.xp.astype(backend.from_host(slots), int64),
-            backend.xp.astype(backend.from_host(used), int64),
-            backend.xp.astype(backend.from_host(inverse.reshape(-1)), int64),
-            int(used.shape[0] > 0 and used[0] < 0),
+            device(slots),
+            device(used),
+            device(inverse.reshape(-1)),
+            first,
+            device(np.maximum(slots, 0)),
+            backend.from_host((slots >= 0)[:, None]) if first else None,
             None if dropout is None or not np.any(dropout) else backend.from_host(dropout),
         )
 
@@ -228,8 +239,10 @@ class BankLinear(Layer):
         per_bank = []
         for bank in banks:
             A, B = self.state.pairs[bank.key.name]
-            d_rows = vc.take_rows(bank.arrays["lambda_d"], rows.slots)
-            b_rows = vc.take_rows(bank.arrays["lambda_b"], rows.slots)
+            d_rows = xp.take(bank.arrays["lambda_d"], rows.safe, axis=0)
+            b_rows = xp.take(bank.arrays["lambda_b"], rows.safe, axis=0)
+            if rows.valid is not None:  # rows without an adapter: a zero lambda_b, so no adapter term
+                b_rows = xp.where(rows.valid, b_rows, xp.zeros_like(b_rows))
             result, u = vc.vera_rows_forward(x, A, B, d_rows, b_rows, base=result, dropout_mask=mask)
             per_bank.append((bank, u, d_rows, b_rows))
         z, saved_dvora = result, []

@@ -161,14 +161,14 @@ class ReLU(Layer):
     def forward(self, x: Any) -> Any:
         xp = array_namespace(x)
         self._positive = x > 0
-        return xp.where(self._positive, x, xp.zeros_like(x))
+        return xp.maximum(x, xp.zeros_like(x))  # maximum, not where: NumPy's where is ~10x slower
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
         positive = self._saved(self._positive)
         if not input_grad:
             return None
         xp = array_namespace(grad_y)
-        return xp.where(positive, grad_y, xp.zeros_like(grad_y))
+        return grad_y * xp.astype(positive, grad_y.dtype)
 
 
 class Linear(Layer):
