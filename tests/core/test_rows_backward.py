@@ -275,13 +275,15 @@ def test_row_functions_check_their_arguments(xp: Any, device: Any) -> None:
         vc.dvora_rows_backward(z, z, frozen, B, m, d, b[:1, ...], n, rows)
 
 
-@pytest.mark.parametrize("sorted_ids", [True, False])
-def test_segment_sum_and_take_rows(xp: Any, device: Any, sorted_ids: bool) -> None:
+@pytest.mark.parametrize("order", ["sorted", "unsorted", "equal-segments"])
+def test_segment_sum_and_take_rows(xp: Any, device: Any, order: str) -> None:
     """Against a loop on the host, with rows left out (-1), empty segments, and a trailing axis."""
     rng = np.random.default_rng(0)
     ids_host = rng.integers(-1, 5, 40)
-    if sorted_ids:
+    if order == "sorted":
         ids_host.sort()
+    elif order == "equal-segments":
+        ids_host = np.repeat(np.asarray([-1, 0, 2, 3, 4]), 8)  # 8 rows each: NumPy's reshaped sum
     values_host = rng.integers(-8, 8, (40, 3, 2)).astype(np.float64)  # integers: every order sums exactly
     expected = np.zeros((7, 3, 2))
     for i, s in enumerate(ids_host):

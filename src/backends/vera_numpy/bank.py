@@ -7,7 +7,7 @@ layer): ``lambda_d`` (capacity x width, zero-padded past the adapter's rank),
 ``lambda_b`` (capacity x out) and, once an adapter needs them, ``magnitude`` (DVoRA) and
 ``bias`` (an adapter that trains the layer's bias keeps its own). Rows of adapters that
 do not adapt this layer, and free rows, are zero, so a gather of any row is exact. Per
-row the bank also keeps, on the device and updated in place, the method, the rank mask
+row the bank also keeps, on the device and updated in place, the method, the rank
 and the flags a forward needs (no per-step rebuild).
 
 A bank's gradient is a :class:`RowGrad`: the rows a step used and their values. Adding
@@ -116,8 +116,8 @@ class LayerBank:
     >>> bank = LayerBank(ProjectionKey(vc.PRNG_ID, 0, 4, 8, 6), 6, capacity=2, width=4, xp=np, device="cpu",
     ...                  dtype=np.float32)
     >>> bank.write(1, VERA, 4, lambda_d=0.1)
-    >>> bank.slots(), bank.arrays["lambda_d"].shape, bank.rank_mask[1].tolist()
-    ([1], (2, 4), [1.0, 1.0, 1.0, 1.0])
+    >>> bank.slots(), bank.arrays["lambda_d"].shape, bank.rank_mask(np.asarray([1, 0])).tolist()
+    ([1], (2, 4), [[1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0]])
     """
 
     def __init__(
@@ -134,8 +134,8 @@ class LayerBank:
         self.own_bias = [False] * capacity
         self.method_codes = xp.zeros(capacity, dtype=xp.int32, device=device)
         """(capacity,) the method of each row, on the device."""
-        self.rank_mask = xp.zeros((capacity, width), dtype=dtype, device=device)
-        """(capacity, width) one within each row's rank: keeps the zero padding of ``lambda_d`` out of training."""
+        self.rank_rows = xp.zeros(capacity, dtype=xp.int32, device=device)
+        """(capacity,) the rank of each row, on the device."""
         self.own_bias_rows = xp.zeros(capacity, dtype=xp.bool, device=device)
         self.detach_rows = xp.zeros(capacity, dtype=xp.bool, device=device)
         self.counts = {"rows": 0, "dvora": 0, "own_bias": 0}
@@ -160,7 +160,7 @@ class LayerBank:
             return
         for kind, array in self.arrays.items():
             self.arrays[kind] = grown(xp, array, (capacity, width if kind == "lambda_d" else self.out_features))
-        self.rank_mask = grown(xp, self.rank_mask, (capacity, width))
+        self.rank_rows = grown(xp, self.rank_rows, (capacity,))
         self.method_codes = grown(xp, self.method_codes, (capacity,))
         self.own_bias_rows = grown(xp, self.own_bias_rows, (capacity,))
         self.detach_rows = grown(xp, self.detach_rows, (capacity,))
@@ -203,7 +203,7 @@ class LayerBank:
                 self._ensure(kind)[slot, :] = xp.astype(value, self.dtype)
         self.methods[slot], self.ranks[slot], self.own_bias[slot] = method, rank, bias is not None
         self.method_codes[slot] = method
-        self.rank_mask[slot, :rank] = xp.ones(rank, dtype=self.dtype, device=self.device)
+        self.rank_rows[slot] = rank
         self.own_bias_rows[slot] = bias is not None
         self.detach_rows[slot] = detach_norm
         self._count(slot, 1)
@@ -215,7 +215,7 @@ class LayerBank:
         self._count(slot, -1)
         self.methods[slot], self.ranks[slot], self.own_bias[slot] = NONE, 0, False
         self.method_codes[slot] = NONE
-        self.rank_mask[slot, ...] = 0.0
+        self.rank_rows[slot] = 0
         self.own_bias_rows[slot] = False
         self.detach_rows[slot] = False
 
@@ -230,6 +230,12 @@ class LayerBank:
         self.counts["rows"] += sign
         self.counts["dvora"] += sign * (self.methods[slot] == DVORA)
         self.counts["own_bias"] += sign * self.own_bias[slot]
+
+    def rank_mask(self, rows: Any) -> Any:
+        """(n, width): one within the rank of each of ``rows``, zero in the padding of ``lambda_d``."""
+        xp = self.xp
+        columns = xp.arange(self.width, dtype=xp.int32, device=self.device)
+        return xp.astype(columns[None, :] < xp.take(self.rank_rows, rows, axis=0)[:, None], self.dtype)
 
     def slots(self) -> list[int]:
         """The rows that hold an adapter for this layer."""

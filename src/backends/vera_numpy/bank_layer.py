@@ -360,7 +360,7 @@ class BankLinear(Layer):
         for bank, *_ in saved.per_bank:
             safe = xp.where(rows.used >= 0, rows.used, xp.zeros_like(rows.used))
             name = f"{bank.key.name}.lambda_d"
-            grads[name] = grads[name] * xp.take(bank.rank_mask, safe, axis=0)  # the zero padding stays zero
+            grads[name] = grads[name] * bank.rank_mask(safe)  # the zero padding stays zero
         for name, per_used in grads.items():
             self._accumulate(name, RowGrad(kept, per_used[rows.first :, ...]))
         if not input_grad:
