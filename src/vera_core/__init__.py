@@ -17,6 +17,7 @@ Examples
 from vera_core.dvora import (
     DvoraFrozen,
     DvoraGrads,
+    DvoraRowsGrads,
     DvoraSaved,
     dense_norm,
     dvora_backward,
@@ -27,12 +28,14 @@ from vera_core.dvora import (
     dvora_norm,
     dvora_norm_rows,
     dvora_precompute,
+    dvora_rows_backward,
     dvora_rows_output,
     dvora_unmerge,
     initial_magnitude,
 )
 from vera_core.linear import linear, linear_input_grad
 from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections, kaiming_bound, kaiming_uniform
+from vera_core.segments import segment_sum, take_rows
 from vera_core.vera import (
     DENSE_MIN_SAVING,
     VeraGrads,
@@ -45,6 +48,8 @@ from vera_core.vera import (
     vera_delta_rows,
     vera_forward,
     vera_forward_dense,
+    vera_rows_backward,
+    vera_rows_forward,
 )
 
 __version__ = "0.1.0"
@@ -55,6 +60,7 @@ __all__ = [
     "PRNG_VERSION",
     "DvoraFrozen",
     "DvoraGrads",
+    "DvoraRowsGrads",
     "DvoraSaved",
     "VeraGrads",
     "__version__",
@@ -69,6 +75,7 @@ __all__ = [
     "dvora_norm",
     "dvora_norm_rows",
     "dvora_precompute",
+    "dvora_rows_backward",
     "dvora_rows_output",
     "dvora_unmerge",
     "generate_projections",
@@ -78,10 +85,14 @@ __all__ = [
     "linear",
     "linear_input_grad",
     "merge",
+    "segment_sum",
+    "take_rows",
     "unmerge",
     "vera_backward",
     "vera_backward_dense",
     "vera_delta_rows",
     "vera_forward",
     "vera_forward_dense",
+    "vera_rows_backward",
+    "vera_rows_forward",
 ]

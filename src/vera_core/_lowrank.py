@@ -86,6 +86,53 @@ def rows_delta(xp: Any, u: Any, B_s: Any, lambda_d_rows: Any, lambda_b_rows: Any
     return product * b_rows if base is None else _fused.add_product(xp, base, product, b_rows)
 
 
+def rows_delta_backward(
+    xp: Any, grad_y: Any, u: Any, B_s: Any, lambda_d_rows: Any, lambda_b_rows: Any, *, grad_u: bool
+) -> tuple[Any, Any, Any]:
+    """Gradients of :func:`rows_delta`'s adapter term: ``(dL/dlambda_d_rows, dL/dlambda_b_rows, dL/du)``.
+
+    Per leading row ``i`` (its tokens ``t``), with ``P = (u_i * d_i) B_s^T`` and
+    ``H = (grad_y_i * b_i) B_s``: ``dL/db_i = sum_t grad_y_i * P``, ``dL/dd_i = sum_t u_i * H``,
+    ``dL/du_i = H * d_i``. Rows holding more tokens than the rank take the equal folded
+    form instead (``G_i = grad_y_i^T u_i``, then :func:`vector_grads_rows`; ``dL/du_i =
+    grad_y_i C_i``), as :func:`rows_delta` does. The vector gradients are summed in the
+    vectors' dtype; ``dL/du`` (None unless ``grad_u``) is in the dtype of ``grad_y``.
+    """
+    batch, rank = u.shape[0], u.shape[-1]
+    out_features = lambda_b_rows.shape[-1]
+    vec = lambda_d_rows.dtype
+    d_rows, b_rows = cast(xp, lambda_d_rows, u.dtype), cast(xp, lambda_b_rows, u.dtype)
+    tokens_per_row = 1
+    for size in u.shape[1:-1]:
+        tokens_per_row *= size
+    if tokens_per_row > rank:
+        u3 = xp.reshape(u, (batch, tokens_per_row, rank))
+        g3 = xp.reshape(grad_y, (batch, tokens_per_row, out_features))
+        gram = cast(xp, xp.permute_dims(g3, (0, 2, 1)) @ u3, vec)  # (batch, out, r)
+        grad_d, grad_b = vector_grads_rows(xp, gram, B_s, lambda_d_rows, lambda_b_rows)
+        if not grad_u:
+            return grad_d, grad_b, None
+        C_rows = fold_rows(xp, B_s, d_rows, b_rows)  # (batch, out, r) in the activations' dtype
+        return grad_d, grad_b, xp.reshape(g3 @ C_rows, u.shape)
+    per_row = (batch,) + (1,) * (u.ndim - 2)
+    token_axes = tuple(range(1, u.ndim - 1))
+    B_w = cast(xp, B_s, u.dtype)
+    d_b = xp.reshape(d_rows, (*per_row, rank))
+    product = (u * d_b) @ B_w.T
+    grad_b = xp.sum(grad_y * product, axis=token_axes, dtype=vec) if token_axes else cast(xp, grad_y * product, vec)
+    H = (grad_y * xp.reshape(b_rows, (*per_row, out_features))) @ B_w
+    grad_d = xp.sum(u * H, axis=token_axes, dtype=vec) if token_axes else cast(xp, u * H, vec)
+    return grad_d, grad_b, (H * d_b if grad_u else None)
+
+
+def vector_grads_rows(xp: Any, grad_C_rows: Any, B_s: Any, lambda_d_rows: Any, lambda_b_rows: Any) -> tuple[Any, Any]:
+    """:func:`vector_grads` of a stack: ``dL/dC`` (n, out, r) to ``(dL/dlambda_d_rows, dL/dlambda_b_rows)``."""
+    weighted = grad_C_rows * cast(xp, B_s, grad_C_rows.dtype)[None, :, :]
+    grad_d = (lambda_b_rows[:, None, :] @ weighted)[:, 0, :]
+    grad_b = (weighted @ lambda_d_rows[:, :, None])[:, :, 0]
+    return grad_d, grad_b
+
+
 def project_t(xp: Any, x: Any, A_s_t: Any) -> Any:
     """``u = x A_s^T`` from ``A_s^T`` (in x r) in the dtype of ``x`` (the operator: no wrapper on the hot path)."""
     return x @ cast(xp, A_s_t, x.dtype)

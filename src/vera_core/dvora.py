@@ -29,6 +29,7 @@ from vera_core._validation import (
     check_vector_dtype,
     namespace,
 )
+from vera_core.segments import segment_sum, take_rows
 
 
 class DvoraFrozen(NamedTuple):
@@ -385,6 +386,139 @@ def dvora_rows_output(z: Any, magnitude_rows: Any, norm_rows: Any, *, bias: Any 
     check_same_device({"z": z, "magnitude_rows": magnitude_rows, "norm_rows": norm_rows, "bias": bias})
     per_row = (batch,) + (1,) * (z.ndim - 2) + (out_features,)  # broadcast over the tokens of each row
     return _scaled(xp, z, xp.reshape(magnitude_rows, per_row), xp.reshape(norm_rows, per_row), bias)
+
+
+class DvoraRowsGrads(NamedTuple):
+    """Gradients of a mixed-adapter batch's DVoRA scaling (see :func:`dvora_rows_backward`)."""
+
+    z: Any
+    """``dL/dz`` (batch, ..., out): push it through :func:`vera_core.vera_rows_backward` and the frozen layer."""
+    magnitude: Any
+    """``dL/dm`` (k, out), one row per adapter."""
+    lambda_d: Any
+    """``dL/dlambda_d`` (k, r) through the norm only (zero where the norm is detached)."""
+    lambda_b: Any
+    """``dL/dlambda_b`` (k, out) through the norm only (zero where the norm is detached)."""
+
+
+def dvora_rows_backward(
+    grad_y: Any,
+    z: Any,
+    frozen: DvoraFrozen,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    norm: Any,
+    rows: Any,
+    *,
+    detach_norm: Any = False,
+) -> DvoraRowsGrads:
+    """Analytic gradients of ``y_i = (m / n)[rows[i]] * z_i`` over a mixed-adapter batch.
+
+    The forward this inverts: the batch's ``k`` distinct DVoRA adapters have their norms
+    ``n = dvora_norm_rows(frozen, B, lambda_d, lambda_b)`` (k, out); row ``i`` is scaled
+    by its adapter's ``m / n`` (:func:`dvora_rows_output` of the gathered rows), or by
+    one where ``rows[i]`` is ``-1`` (a VeRA adapter, or none). With
+    ``Q_a = sum over the rows i of adapter a and their tokens of grad_y_i * z_i``:
+    ``dL/dm_a = Q_a / n_a`` and, unless adapter ``a``'s norm is detached (DoRA section
+    4.3), ``dL/dC_a = -(Q_a m_a / n_a^3)[:, None] * (W0 A_s^T + C_a A_s A_s^T)``, chained
+    to the vectors through ``C_a = diag(lambda_b_a) B_s diag(lambda_d_a)``. Each adapter
+    gets what :func:`dvora_backward` gives it on its own rows through the norm; the rest
+    of its vector gradients comes from :func:`vera_core.vera_rows_backward` of the
+    returned ``dL/dz``.
+
+    Parameters
+    ----------
+    grad_y : array, shape (batch, ..., out)
+        Upstream gradient of the scaled output (a bias added after scaling does not change it).
+    z : array, shape (batch, ..., out)
+        The unscaled output (``x W0^T`` plus each row's adapter term, no bias).
+    frozen : DvoraFrozen
+        The layer's frozen pieces (:func:`dvora_precompute`) for rank ``r``.
+    B : array
+        The shared B (max_out x R).
+    magnitude, lambda_b, norm : array, shape (k, out)
+        The batch's DVoRA adapters, one row each (``norm`` from :func:`dvora_norm_rows`).
+    lambda_d : array, shape (k, r)
+    rows : integer array, shape (batch,)
+        Each batch row's adapter in ``[0, k)``, or ``-1``.
+    detach_norm : bool or bool array of shape (k,)
+        Treat the norm as a constant, for every adapter or per adapter.
+
+    Returns
+    -------
+    DvoraRowsGrads
+        ``z`` in the dtype of ``z``; the rest in the vectors' dtype.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections, linear, vera_rows_forward
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W, x = xp.ones((6, 8)), xp.ones((3, 2, 8))
+    >>> frozen, m = dvora_precompute(W, A, 4), initial_magnitude(W)[None, :]
+    >>> d, b = xp.full((1, 4), 0.1), xp.full((1, 6), 0.5)
+    >>> rows = xp.asarray([0, -1, 0])  # rows 0 and 2: the DVoRA adapter; row 1: scale one
+    >>> z, u = vera_rows_forward(x, A, B, xp.concat([d, 0 * d, d]), xp.concat([b, 0 * b, b]), base=linear(x, W))
+    >>> n = dvora_norm_rows(frozen, B, d, b)
+    >>> g = dvora_rows_backward(xp.ones((3, 2, 6)), z, frozen, B, m, d, b, n, rows)
+    >>> g.z.shape, g.magnitude.shape, g.lambda_d.shape
+    ((3, 2, 6), (1, 6), (1, 4))
+    """
+    xp = namespace(grad_y, z, frozen.gram, B, magnitude, lambda_d, lambda_b, norm, rows)
+    if z.ndim < 2:
+        raise ValueError(f"z must have shape (batch, ..., out), got {tuple(z.shape)}")
+    check_same_shape("grad_y", grad_y, tuple(z.shape), "z")
+    check_ndim("lambda_d", lambda_d, 2, "(k, rank)")
+    check_ndim("magnitude", magnitude, 2, "(k, out_features)")
+    count, out_features = magnitude.shape[0], z.shape[-1]
+    check_same_shape("magnitude", magnitude, (count, out_features), "(k, out_features of z)")
+    for name, array in (("lambda_b", lambda_b), ("norm", norm)):
+        check_same_shape(name, array, (count, out_features), "magnitude")
+    if lambda_d.shape[0] != count or count == 0:
+        raise ValueError(f"lambda_d has {lambda_d.shape[0]} rows and magnitude {count}; both hold the k >= 1 adapters")
+    rank = lambda_d.shape[1]
+    _check_frozen(frozen, out_features, rank)
+    check_ndim("B", B, 2, "the shared matrix B (max_out x rank)")
+    if out_features > B.shape[0] or rank > B.shape[1]:
+        raise ValueError(f"the rows need B[:{out_features}, :{rank}] but the shared B has shape {tuple(B.shape)}")
+    check_same_shape("rows", rows, (z.shape[0],), "(batch,) of z")
+    if not xp.isdtype(rows.dtype, "integral"):
+        raise TypeError(f"rows must have an integer dtype, got {rows.dtype}")
+    check_real_float_dtype(xp, norm.dtype, "norm")
+    for name, array in (("lambda_d", lambda_d), ("lambda_b", lambda_b)):
+        if array.dtype != magnitude.dtype:
+            raise TypeError(f"{name} has dtype {array.dtype} but magnitude has {magnitude.dtype}")
+    check_real_float_dtype(xp, z.dtype, "z")
+    check_vector_dtype(xp, magnitude.dtype, z.dtype)
+    check_same_device({"z": z, "grad_y": grad_y, "magnitude": magnitude, "rows": rows, "B": B})
+    detach_all = isinstance(detach_norm, bool) and detach_norm
+    if not isinstance(detach_norm, bool):
+        check_same_shape("detach_norm", detach_norm, (count,), "(k,): one flag per adapter")
+
+    vec = magnitude.dtype
+    norm = lr.cast(xp, norm, vec)
+    per_row = (z.shape[0],) + (1,) * (z.ndim - 2) + (out_features,)
+    m_rows, n_rows = take_rows(magnitude, rows, fill=1.0), take_rows(norm, rows, fill=1.0)
+    scale = lr.cast(xp, xp.reshape(m_rows / n_rows, per_row), grad_y.dtype)
+    token_axes = tuple(range(1, z.ndim - 1))
+    product = grad_y * z
+    q_rows = xp.sum(product, axis=token_axes, dtype=vec) if token_axes else lr.cast(xp, product, vec)
+    grad_m = segment_sum(q_rows, rows, count) / norm
+    B_s = B[:out_features, :rank]
+    if detach_all:
+        zero_d, zero_b = xp.zeros_like(lambda_d), xp.zeros_like(lambda_b)
+        return DvoraRowsGrads(grad_y * scale, grad_m, zero_d, zero_b)
+    coefficient = grad_m * (magnitude / norm) / norm  # Q m / n^3
+    if not isinstance(detach_norm, bool):
+        coefficient = xp.where(detach_norm[:, None], xp.zeros_like(coefficient), coefficient)
+    work = frozen.gram.dtype
+    C = lr.fold_rows(xp, B_s, lr.cast(xp, lambda_d, work), lr.cast(xp, lambda_b, work))
+    direction = lr.cast(xp, frozen.weight_proj[None, :, :] + C @ frozen.gram, vec)
+    grad_C = -coefficient[:, :, None] * direction
+    grad_d, grad_b = lr.vector_grads_rows(xp, grad_C, B_s, lambda_d, lambda_b)
+    return DvoraRowsGrads(grad_y * scale, grad_m, grad_d, grad_b)
 
 
 def dvora_backward(

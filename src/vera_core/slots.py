@@ -18,12 +18,43 @@ from __future__ import annotations
 import heapq
 import math
 from collections.abc import Iterator
+from typing import NamedTuple
 
 GROWTH = 1.05
 """Factor by which the capacity grows when it is full (resident memory <= ~1.05x the rows in use)."""
 
 MIN_GROWTH = 16
 """Rows added at least when the capacity grows (a bank of one adapter has capacity 1)."""
+
+
+class ProjectionKey(NamedTuple):
+    """One shared projection pair: generator, seed (or the checksum of stored projections) and shapes.
+
+    Adapters of one key share the pair, and in every layer one bank of rows.
+
+    Examples
+    --------
+    >>> key = ProjectionKey("threefry2x32-20", 0, 8, 64, 32)
+    >>> key.covers(4, 64, 10), key.covers(16, 64, 10), key.name
+    (True, False, 'threefry2x32_20_0_r8_i64_o32')
+    """
+
+    prng_id: str
+    seed: int
+    r: int
+    max_in: int
+    max_out: int
+    checksum: str | None = None
+
+    def covers(self, r: int, in_features: int, out_features: int) -> bool:
+        """Whether a layer of this rank and size fits in the pair."""
+        return r <= self.r and in_features <= self.max_in and out_features <= self.max_out
+
+    @property
+    def name(self) -> str:
+        """An identifier usable in parameter names."""
+        tag = self.checksum[:16] if self.checksum else str(self.seed)
+        return f"{self.prng_id.replace('-', '_')}_{tag}_r{self.r}_i{self.max_in}_o{self.max_out}"
 
 
 class SlotTable:

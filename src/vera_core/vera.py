@@ -22,12 +22,12 @@ from array_api_compat import device as device_of
 from vera_core import _lowrank as lr
 from vera_core._validation import (
     check_activations,
-    namespace,
     check_adapter,
     check_finite,
     check_ndim,
     check_positive_int,
     check_same_shape,
+    namespace,
 )
 
 
@@ -412,15 +412,38 @@ def _first_row(rows: Any) -> Any:
     return namespace(rows).zeros(rows.shape[1], dtype=rows.dtype, device=device_of(rows))
 
 
-def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: Any, *, base: Any = None) -> Any:
-    """The VeRA adapter term with different vectors for each leading row (mixed-adapter batches).
+def _check_rows(name: str, x: Any, lambda_d_rows: Any, lambda_b_rows: Any, extra: dict[str, Any]) -> dict[str, Any]:
+    """The row checks of the mixed-adapter functions (``x``: the input, or ``grad_y``); the arrays by name."""
+    if x.ndim < 2:
+        last = "in" if name == "x" else "out"
+        raise ValueError(f"{name} must have shape (batch, ..., {last}), got {tuple(x.shape)}")
+    check_ndim("lambda_d_rows", lambda_d_rows, 2, "(batch, rank)")
+    check_ndim("lambda_b_rows", lambda_b_rows, 2, "(batch, out_features)")
+    batch = x.shape[0]
+    for rows_name, rows in (("lambda_d_rows", lambda_d_rows), ("lambda_b_rows", lambda_b_rows)):
+        if rows.shape[0] != batch:
+            raise ValueError(f"{rows_name} has {rows.shape[0]} rows but {name} has a batch of {batch}")
+    return {"lambda_d_rows": lambda_d_rows, "lambda_b_rows": lambda_b_rows, **extra}
+
+
+def vera_rows_forward(
+    x: Any,
+    A: Any,
+    B: Any,
+    lambda_d_rows: Any,
+    lambda_b_rows: Any,
+    *,
+    base: Any = None,
+    dropout_mask: Any = None,
+) -> tuple[Any, Any]:
+    """The VeRA output with different vectors for each leading row (mixed-adapter batches).
 
     Row ``i`` of ``x`` (shape (batch, ..., in)) gets
-    ``lambda_b_rows[i] * (B_s (lambda_d_rows[i] * (A_s x_i)))``. Rows of zeros select no
-    adapter; adapters of smaller rank are served by zero-padding their ``lambda_d``
-    (exact). The cost does not depend on how many adapters the rows come from: one
-    shared product with ``A``, then either the vectors on the activations or one folded
-    matrix per row, whichever touches fewer numbers.
+    ``base_i + lambda_b_rows[i] * (B_s (lambda_d_rows[i] * (A_s (x_i * mask_i))))``. Rows
+    of zeros select no adapter; adapters of smaller rank are served by zero-padding their
+    ``lambda_d`` (exact). The cost does not depend on how many adapters the rows come
+    from: one shared product with ``A``, then either the vectors on the activations or one
+    folded matrix per row, whichever touches fewer numbers.
 
     Parameters
     ----------
@@ -432,10 +455,50 @@ def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: A
     base : array, shape (batch, ..., out), optional
         The frozen layer's output; when given, ``base`` plus the adapter terms is
         returned (one fused pass).
+    dropout_mask : array, shape (batch, ..., in), optional
+        Multiplies ``x`` on the adapter path (zeros and ``1 / (1 - p)``, each row its own ``p``).
 
     Returns
     -------
-    array, shape (batch, ..., out)
+    y : array, shape (batch, ..., out)
+    u : array, shape (batch, ..., r)
+        ``(x * mask) A_s^T``: what :func:`vera_rows_backward` needs saved.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> x = xp.ones((2, 3, 8))
+    >>> d, b = xp.full((2, 4), 0.1), xp.stack([xp.zeros(6), xp.ones(6)])
+    >>> y, u = vera_rows_forward(x, A, B, d, b)
+    >>> single, _ = vera_forward(x[1], A, B, d[1], b[1])
+    >>> y.shape, u.shape, bool(xp.all(y[0] == 0)), bool(xp.allclose(y[1], single))
+    ((2, 3, 6), (2, 3, 4), True, True)
+    """
+    named = _check_rows("x", x, lambda_d_rows, lambda_b_rows, {"x": x, "base": base, "dropout_mask": dropout_mask})
+    xp, shape = check_adapter(
+        A,
+        B,
+        _first_row(lambda_d_rows),
+        _first_row(lambda_b_rows),
+        x.shape[-1],
+        activation_dtype=x.dtype,
+        extra=named,
+    )
+    check_activations("x", x, shape.in_features, "in_features on the last axis")
+    _check_mask(dropout_mask, tuple(x.shape))
+    if base is not None:
+        check_same_shape("base", base, (*x.shape[:-1], shape.out_features), "x with out_features last")
+        if base.dtype != x.dtype:
+            raise TypeError(f"base has dtype {base.dtype} but x has {x.dtype}")
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    u = lr.project(xp, x, A_s, dropout_mask)
+    return lr.rows_delta(xp, u, B_s, lambda_d_rows, lambda_b_rows, base), u
+
+
+def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: Any, *, base: Any = None) -> Any:
+    """:func:`vera_rows_forward`'s output alone (``base`` plus each row's adapter term, or the term).
 
     Examples
     --------
@@ -449,27 +512,94 @@ def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: A
     >>> delta.shape, bool(xp.all(delta[0] == 0)), bool(xp.allclose(delta[1], single))
     ((2, 3, 6), True, True)
     """
-    if x.ndim < 2:
-        raise ValueError(f"x must have shape (batch, ..., in), got {tuple(x.shape)}")
-    check_ndim("lambda_d_rows", lambda_d_rows, 2, "(batch, rank)")
-    check_ndim("lambda_b_rows", lambda_b_rows, 2, "(batch, out_features)")
-    batch = x.shape[0]
-    for name, rows in (("lambda_d_rows", lambda_d_rows), ("lambda_b_rows", lambda_b_rows)):
-        if rows.shape[0] != batch:
-            raise ValueError(f"{name} has {rows.shape[0]} rows but x has a batch of {batch}")
-    xp, shape = check_adapter(
-        A,
-        B,
-        _first_row(lambda_d_rows),
-        _first_row(lambda_b_rows),
-        x.shape[-1],
-        activation_dtype=x.dtype,
-        extra={"x": x, "lambda_d_rows": lambda_d_rows, "lambda_b_rows": lambda_b_rows, "base": base},
-    )
-    check_activations("x", x, shape.in_features, "in_features on the last axis")
-    if base is not None:
-        check_same_shape("base", base, (*x.shape[:-1], shape.out_features), "x with out_features last")
-        if base.dtype != x.dtype:
-            raise TypeError(f"base has dtype {base.dtype} but x has {x.dtype}")
+    return vera_rows_forward(x, A, B, lambda_d_rows, lambda_b_rows, base=base)[0]
+
+
+def vera_rows_backward(
+    grad_y: Any,
+    u: Any,
+    A: Any,
+    B: Any,
+    lambda_d_rows: Any,
+    lambda_b_rows: Any,
+    *,
+    in_features: int,
+    dropout_mask: Any = None,
+    input_grad: bool = True,
+    check: bool = True,
+) -> VeraGrads:
+    """Analytic gradients of :func:`vera_rows_forward`'s adapter terms, one row of gradients per batch row.
+
+    Row ``i``'s gradients are :func:`vera_backward`'s for that row alone with its own
+    vectors: ``dL/dlambda_d_rows[i]``, ``dL/dlambda_b_rows[i]`` and the row's ``dL/dx``.
+    An adapter's gradient is the sum over the rows it served
+    (:func:`vera_core.segments.segment_sum`); rows that used no adapter (zero vectors)
+    get a ``lambda_b`` gradient too, which the caller drops. A zero-padded
+    ``lambda_d`` gets a gradient in its padding, which the caller masks to keep the
+    padding zero.
+
+    Parameters
+    ----------
+    grad_y : array, shape (batch, ..., out)
+        Upstream gradient of the output.
+    u : array, shape (batch, ..., r)
+        The ``u`` returned by :func:`vera_rows_forward`.
+    A, B, lambda_d_rows, lambda_b_rows : array
+        As in :func:`vera_rows_forward`.
+    in_features : int
+        The layer's input features.
+    dropout_mask : array, shape (batch, ..., in), optional
+        The mask used in the forward pass.
+    input_grad : bool
+        Compute ``dL/dx`` through the adapter terms; False returns ``x=None``.
+    check : bool
+        Validate the arguments (default); False takes them as a checked forward left them.
+
+    Returns
+    -------
+    VeraGrads
+        ``x`` (batch, ..., in) or None, ``lambda_d`` (batch, r), ``lambda_b`` (batch, out),
+        the vector gradients in the vectors' dtype.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> x, g = xp.ones((2, 3, 8)), xp.ones((2, 3, 6))
+    >>> d, b = xp.full((2, 4), 0.1), xp.stack([xp.full(6, 0.5), xp.ones(6)])
+    >>> _, u = vera_rows_forward(x, A, B, d, b)
+    >>> rows = vera_rows_backward(g, u, A, B, d, b, in_features=8)
+    >>> _, u1 = vera_forward(x[1], A, B, d[1], b[1])
+    >>> alone = vera_backward(g[1], u1, A, B, d[1], b[1], in_features=8)
+    >>> rows.lambda_d.shape, bool(xp.allclose(rows.lambda_b[1], alone.lambda_b))
+    ((2, 4), True)
+    """
+    if check:
+        check_positive_int("in_features", in_features)
+        named = _check_rows(
+            "grad_y", grad_y, lambda_d_rows, lambda_b_rows, {"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask}
+        )
+        xp, shape = check_adapter(
+            A,
+            B,
+            _first_row(lambda_d_rows),
+            _first_row(lambda_b_rows),
+            in_features,
+            activation_dtype=grad_y.dtype,
+            extra=named,
+        )
+        check_activations("grad_y", grad_y, shape.out_features, "out_features on the last axis")
+        check_same_shape("u", u, (*grad_y.shape[:-1], shape.rank), "grad_y with rank last")
+        _check_mask(dropout_mask, (*grad_y.shape[:-1], in_features))
+    else:
+        xp = namespace(grad_y)
+        shape = lr.AdapterShape(lambda_d_rows.shape[1], lambda_b_rows.shape[1], in_features)
     A_s, B_s = lr.layer_slices(A, B, shape)
-    return lr.rows_delta(xp, lr.project(xp, x, A_s, None), B_s, lambda_d_rows, lambda_b_rows, base)
+    grad_d, grad_b, grad_u = lr.rows_delta_backward(xp, grad_y, u, B_s, lambda_d_rows, lambda_b_rows, grad_u=input_grad)
+    grad_x = None
+    if input_grad:
+        grad_x = grad_u @ lr.cast(xp, A_s, grad_u.dtype)
+        if dropout_mask is not None:
+            grad_x = grad_x * dropout_mask
+    return VeraGrads(grad_x, grad_d, grad_b)

@@ -137,3 +137,56 @@ def test_files_move_between_cupy_and_numpy(cupy: Any, vera_cupy: Any, tmp_path: 
     )
     merged = gpu_model.merge()
     assert all(isinstance(v, cupy.ndarray) for v in merged.values())
+
+
+def test_bank_training_stays_on_the_device(cupy: Any, vera_cupy: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mixed-batch VeRA bank step (trained biases, base rows): no host copy, no synchronisation.
+
+    The selection (``model.use``) is made before: it copies the row index to the device once.
+    """
+    from vera_numpy import BankAdamW, BankModel
+
+    model = BankModel(vera_cupy.to_device(host_weights()))
+    for i in range(5):
+        model.add_vera(f"u{i}", "all-linear", r=4 if i % 2 else 3, bias="vera_only" if i % 2 else "none")
+    net = Sequential(
+        {
+            "a": model.layer("enc.0.fc"),
+            "act": ReLU(),
+            "b": model.layer("enc.1.fc"),
+            "act2": ReLU(),
+            "c": model.layer("head"),
+        }
+    )
+    rng = np.random.default_rng(0)
+    X = cupy.asarray(rng.standard_normal((32, 5)).astype(np.float32))
+    labels = cupy.asarray(rng.integers(0, 3, 32))
+    optimizer = BankAdamW(model, lr=0.01)
+    model.use(["u0", "u1", "u2", "u3", "u4", "u0", "__base__", "u3"] * 4)
+
+    def step() -> Any:
+        model.zero_grad()
+        loss, dlogits = softmax_cross_entropy(net.forward(X), labels)
+        net.backward(dlogits, input_grad=False)
+        optimizer.step()
+        return loss
+
+    step()  # compiles the kernels
+    cupy.cuda.Device().synchronize()
+    counter = Counter()
+    monkeypatch.setattr(cupy, "asnumpy", counter.wrap(cupy.asnumpy))
+    for method in ("to_host", "from_host"):
+        monkeypatch.setattr(vera_cupy.CupyBackend, method, counter.wrap(getattr(vera_cupy.CupyBackend, method)))
+    import cupyx
+
+    guard = getattr(cupyx, "allow_synchronize", None)
+    if guard is None:
+        pytest.skip("this CuPy has no cupyx.allow_synchronize")
+    with guard(False):
+        for _ in range(3):
+            loss = step()
+    assert counter.calls == 0
+    arrays = [loss, *model.parameters().values(), *(g.values for g in model.grads().values())]
+    arrays += [v for entry in optimizer.state.values() for v in entry.values()]
+    assert all(isinstance(a, cupy.ndarray) and a.device == cupy.cuda.Device() for a in arrays)
+    assert np.isfinite(float(loss))  # read after the guarded steps

@@ -51,25 +51,33 @@ True
 """
 
 from vera_numpy._backend import Backend
+from vera_numpy.bank import RowGrad
+from vera_numpy.bank_layer import BASE_ADAPTER, BankLinear
+from vera_numpy.bank_model import BankModel
 from vera_numpy.container import Container, Sequential
 from vera_numpy.layers import AdaptedLinear, DVoraLinear, Layer, Linear, ReLU, VeraLinear
 from vera_numpy.loss import accuracy, softmax_cross_entropy
-from vera_numpy.optim import SGD, AdamW, Optimizer, clip_grad_norm
+from vera_numpy.optim import SGD, AdamW, BankAdamW, Optimizer, clip_grad_norm
 from vera_numpy.schedule import WarmupCosine
 from vera_numpy.weights import AdaptedModel, add_vera, linear_layers
 
 __all__ = [
+    "BASE_ADAPTER",
     "SGD",
     "AdamW",
     "AdaptedLinear",
     "AdaptedModel",
     "Backend",
+    "BankAdamW",
+    "BankLinear",
+    "BankModel",
     "Container",
     "DVoraLinear",
     "Layer",
     "Linear",
     "Optimizer",
     "ReLU",
+    "RowGrad",
     "Sequential",
     "VeraLinear",
     "WarmupCosine",

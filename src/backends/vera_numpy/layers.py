@@ -53,6 +53,37 @@ def copy_into(targets: Mapping[str, Any], values: Mapping[str, Any]) -> None:
         target[...] = xp.astype(value, target.dtype)
 
 
+def dropout_mask(xp: Any, x: Any, p: Any, stream: int) -> Any:
+    """An inverted-dropout mask for ``x``: zeros with probability ``p``, else ``1 / (1 - p)``.
+
+    The uniform numbers come from the core's counter-based generator (stream ``stream``),
+    so masks are reproducible and identical on every backend and device. ``p`` is a
+    number, or an array of one probability per leading row of ``x`` (mixed-adapter
+    batches, each row its adapter's).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> mask = dropout_mask(np, np.ones((2, 1000), np.float32), np.asarray([0.0, 0.5], np.float32), 7)
+    >>> bool(np.all(mask[0] == 1)), sorted(set(mask[1].tolist()))
+    (True, [0.0, 2.0])
+    """
+    flat = _flat(xp, x)
+    uniform = vc.kaiming_uniform(
+        stream,
+        MATRIX_A,
+        tuple(flat.shape),
+        6,  # fan_in 6: uniform on [-1, 1)
+        xp=xp,
+        dtype=x.dtype,
+        device=device_of(x),
+    )
+    uniform = xp.reshape(uniform, x.shape)
+    if not isinstance(p, float | int):
+        p = xp.reshape(xp.astype(p, x.dtype), (x.shape[0],) + (1,) * (x.ndim - 1))
+    return xp.astype(uniform >= 2.0 * p - 1.0, x.dtype) / (1.0 - p)
+
+
 class Layer:
     """Base class: trainable parameters by name, their accumulated gradients, train/eval mode.
 
@@ -130,14 +161,14 @@ class ReLU(Layer):
     def forward(self, x: Any) -> Any:
         xp = array_namespace(x)
         self._positive = x > 0
-        return xp.where(self._positive, x, xp.zeros_like(x))
+        return xp.maximum(x, xp.zeros_like(x))  # maximum, not where: NumPy's where is ~10x slower
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
         positive = self._saved(self._positive)
         if not input_grad:
             return None
         xp = array_namespace(grad_y)
-        return xp.where(positive, grad_y, xp.zeros_like(grad_y))
+        return grad_y * xp.astype(positive, grad_y.dtype)
 
 
 class Linear(Layer):
@@ -255,27 +286,11 @@ class AdaptedLinear(Layer):
         return self._params["lambda_b"]
 
     def _dropout_mask(self, x: Any) -> Any:
-        """Inverted-dropout mask for ``x``, from the core's counter-based generator (None when off).
-
-        Draw ``k`` of a layer uses the stream seeded ``seed * 2**32 + k``: masks are
-        reproducible and identical on every backend and device.
-        """
+        """Inverted-dropout mask for ``x`` (None when off): :func:`dropout_mask`, draw ``k`` of this layer's stream."""
         if not self.training or self.dropout == 0.0 or x.ndim == 0:
             return None
-        xp = self.xp
-        flat = _flat(xp, x)
-        uniform = vc.kaiming_uniform(
-            self.seed * 2**32 + self._draws,
-            MATRIX_A,
-            tuple(flat.shape),
-            6,  # fan_in 6: uniform on [-1, 1)
-            xp=xp,
-            dtype=x.dtype,
-            device=self.device,
-        )
         self._draws += 1
-        keep = xp.astype(uniform >= 2.0 * self.dropout - 1.0, x.dtype) / (1.0 - self.dropout)
-        return xp.reshape(keep, x.shape)
+        return dropout_mask(self.xp, x, self.dropout, self.seed * 2**32 + self._draws - 1)
 
     def _use_dense(self, x: Any) -> bool:
         """The merged-weight formulation where it is valid (no dropout) and cheaper."""

@@ -13,6 +13,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from array_api_compat import array_namespace
+from array_api_compat import device as device_of
+
+from vera_numpy.bank import RowGrad, grown, put_rows
 
 
 class Optimizer:
@@ -151,11 +154,155 @@ class AdamW(Optimizer):
             state.update(step=0, exp_avg=xp.zeros_like(param), exp_avg_sq=xp.zeros_like(param))
         state["step"] += 1
         step = state["step"]
-        state["exp_avg"] = beta1 * state["exp_avg"] + (1.0 - beta1) * grad
-        state["exp_avg_sq"] = beta2 * state["exp_avg_sq"] + (1.0 - beta2) * (grad * grad)
-        denom = xp.sqrt(state["exp_avg_sq"]) / math.sqrt(1.0 - beta2**step) + self.eps
-        decayed = param * (1.0 - self.lr * self.weight_decay)
-        return decayed - (self.lr / (1.0 - beta1**step)) * state["exp_avg"] / denom
+        new, state["exp_avg"], state["exp_avg_sq"] = adamw_update(
+            xp,
+            param,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            self.lr / (1.0 - beta1**step),
+            math.sqrt(1.0 - beta2**step),
+            self,
+        )
+        return new
+
+
+def adamw_update(
+    xp: Any, param: Any, grad: Any, exp_avg: Any, exp_avg_sq: Any, step_size: Any, correction: Any, hyper: Any
+) -> tuple[Any, Any, Any]:
+    """One AdamW update: ``(new param, exp_avg, exp_avg_sq)``, the formulas of :class:`AdamW`.
+
+    ``step_size`` is ``lr / (1 - beta1^t)`` and ``correction`` is ``sqrt(1 - beta2^t)``:
+    numbers, or columns (k, 1) of per-row values (:class:`BankAdamW`, each row its own
+    ``t``). ``hyper`` has ``lr``, ``betas``, ``eps`` and ``weight_decay``.
+    """
+    beta1, beta2 = hyper.betas
+    exp_avg = beta1 * exp_avg + (1.0 - beta1) * grad
+    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * (grad * grad)
+    denom = xp.sqrt(exp_avg_sq) / correction + hyper.eps
+    decayed = param * (1.0 - hyper.lr * hyper.weight_decay)
+    return decayed - step_size * exp_avg / denom, exp_avg, exp_avg_sq
+
+
+class BankAdamW:
+    """AdamW over a :class:`~vera_numpy.BankModel`, one adapter (row) at a time.
+
+    A bank parameter stacks many adapters' vectors, one per row; its gradient
+    (:class:`~vera_numpy.bank.RowGrad`) holds the rows a step used. The moments and the
+    step count are kept per row, and only those rows are decayed and moved: each adapter
+    gets what :class:`AdamW` gives it when trained alone on its own rows. The state
+    follows the bank as it grows; an adapter added into a freed row starts with fresh
+    state. The formulas are :class:`AdamW`'s (:func:`adamw_update`).
+
+    Parameters
+    ----------
+    model : BankModel
+        Its ``parameters()`` are looked up at every step (banks are replaced as they grow).
+    lr, betas, eps, weight_decay
+        As :class:`AdamW`.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> import vera_numpy as vn
+    >>> model = vn.BankModel({"fc.weight": np.ones((3, 4), np.float32)})
+    >>> model.add_vera("a", ["fc"], r=2); model.add_vera("b", ["fc"], r=2)
+    >>> opt = BankAdamW(model, lr=0.1)
+    >>> model.use(["a", "a"])
+    >>> _ = model.layer("fc").forward(np.ones((2, 4), np.float32))
+    >>> _ = model.layer("fc").backward(np.ones((2, 3), np.float32))
+    >>> opt.step()  # moves adapter a's rows only
+    >>> model.vectors("b")["fc.lambda_d"].tolist()
+    [0.10000000149011612, 0.10000000149011612]
+    """
+
+    hyperparameters = ("lr", "betas", "eps", "weight_decay")
+
+    def __init__(
+        self,
+        model: Any,
+        lr: float = 1e-3,
+        *,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+    ) -> None:
+        if lr < 0 or eps < 0 or weight_decay < 0:
+            raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr!r}, {eps!r}, {weight_decay!r}")
+        if not all(0.0 <= beta < 1.0 for beta in betas):
+            raise ValueError(f"betas must be in [0, 1), got {betas!r}")
+        self.model = model
+        self.lr = float(lr)
+        self.betas = (float(betas[0]), float(betas[1]))
+        self.eps, self.weight_decay = float(eps), float(weight_decay)
+        self.state: dict[str, dict[str, Any]] = {}
+        model.on_new_row(self._forget_row)
+
+    def _forget_row(self, slot: int) -> None:
+        """Row ``slot`` holds a new adapter: its moments and step count start again."""
+        for state in self.state.values():
+            if slot < state["step"].shape[0]:
+                for value in state.values():
+                    value[slot, ...] = 0.0
+
+    def _state(self, xp: Any, name: str, param: Any) -> dict[str, Any]:
+        state = self.state.get(name)
+        shape = tuple(param.shape)
+        if state is not None and any(a < b for a, b in zip(shape, state["exp_avg"].shape, strict=True)):
+            state = None  # a bank of this name was deleted and made again, smaller
+        if state is None:
+            state = self.state[name] = {
+                "exp_avg": xp.zeros_like(param),
+                "exp_avg_sq": xp.zeros_like(param),
+                "step": xp.zeros(shape[0], dtype=xp.float64, device=device_of(param)),
+            }
+        elif tuple(state["exp_avg"].shape) != shape:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[key] = grown(xp, state[key], shape)
+            state["step"] = grown(xp, state["step"], shape[:1])
+        return state
+
+    def step(self, grads: Mapping[str, Any] | None = None) -> None:
+        """One AdamW update of the rows each gradient holds (default: the model's ``grads()``)."""
+        params = self.model.parameters()
+        grads = self.model.grads() if grads is None else grads
+        unknown = sorted(set(grads) - set(params))
+        if unknown:
+            raise KeyError(f"gradients for unknown parameters: {', '.join(unknown)}")
+        for name, grad in grads.items():
+            if not isinstance(grad, RowGrad):
+                raise TypeError(f"BankAdamW takes the RowGrad gradients of a bank; {name!r} has {type(grad).__name__}")
+            grad = grad.coalesced()
+            param = params[name]
+            if grad.values.shape[1:] != param.shape[1:]:
+                raise ValueError(
+                    f"gradient {name!r} has rows of shape {grad.values.shape[1:]}, parameter {param.shape[1:]}"
+                )
+            if grad.rows.shape[0]:
+                self._update_rows(name, param, grad)
+
+    def _update_rows(self, name: str, param: Any, grad: RowGrad) -> None:
+        xp = array_namespace(param, grad.values)
+        state = self._state(xp, name, param)
+        rows = grad.rows
+        beta1, beta2 = self.betas
+        step = xp.take(state["step"], rows, axis=0) + 1.0
+        put_rows(state["step"], rows, step)
+        step_size = xp.astype(self.lr / (1.0 - beta1**step), param.dtype)[:, None]
+        correction = xp.astype(xp.sqrt(1.0 - beta2**step), param.dtype)[:, None]
+        new, exp_avg, exp_avg_sq = adamw_update(
+            xp,
+            xp.take(param, rows, axis=0),
+            xp.astype(grad.values, param.dtype),
+            xp.take(state["exp_avg"], rows, axis=0),
+            xp.take(state["exp_avg_sq"], rows, axis=0),
+            step_size,
+            correction,
+            self,
+        )
+        put_rows(param, rows, new)
+        put_rows(state["exp_avg"], rows, exp_avg)
+        put_rows(state["exp_avg_sq"], rows, exp_avg_sq)
 
 
 def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, eps: float = 1e-6) -> Any:
@@ -178,13 +325,15 @@ def clip_grad_norm(grads: Mapping[str, Any], max_norm: float, *, eps: float = 1e
     """
     if not grads:
         raise ValueError("clip_grad_norm got no gradients")
-    arrays = list(grads.values())
+    # a RowGrad's norm is its summed rows'; scaling its values scales their sums alike
+    arrays = [grad.coalesced().values if isinstance(grad, RowGrad) else grad for grad in grads.values()]
+    targets = [grad.values if isinstance(grad, RowGrad) else grad for grad in grads.values()]
     xp = array_namespace(*arrays)
     widest = max((g.dtype for g in arrays), key=lambda dtype: int(xp.finfo(dtype).bits))
     work = xp.float32 if int(xp.finfo(widest).bits) < 32 else widest
     squares = [xp.sum(xp.astype(g, work) * xp.astype(g, work)) for g in arrays]
     total = xp.sqrt(sum(squares[1:], squares[0]))
     factor = xp.minimum(max_norm / (total + eps), 1.0)  # not clip: CuPy's compat clip syncs (boolean masks)
-    for g in arrays:
+    for g in targets:
         g[...] = g * xp.astype(factor, g.dtype)
     return total

@@ -49,6 +49,74 @@ def _features(weight: Any, fan_in_fan_out: bool) -> tuple[int, int]:
     return (cols, rows) if fan_in_fan_out else (rows, cols)
 
 
+def checked_layers(weights: Mapping[str, Any], config: AdapterConfig) -> dict[str, LayerSpec]:
+    """``config.layers`` checked against the dense layers of ``weights``, with ``in_features`` filled in.
+
+    Raises AdapterFileError naming the first layer the weights lack or whose sizes differ.
+    """
+    available = linear_layers(weights)
+    specs: dict[str, LayerSpec] = {}
+    for name, spec in config.layers.items():
+        if name not in available:
+            raise AdapterFileError(
+                f"the adapter targets layer {name!r}, which the weights lack (no 2-D {name + WEIGHT_SUFFIX!r}); "
+                f"dense layers: {', '.join(available) or 'none'}"
+            )
+        out_features, in_features = _features(weights[name + WEIGHT_SUFFIX], spec.fan_in_fan_out)
+        if out_features != spec.out_features or spec.in_features not in (None, in_features):
+            raise AdapterFileError(
+                f"layer {name!r}: the adapter expects (out, in) = ({spec.out_features}, {spec.in_features}) "
+                f"but the weight gives ({out_features}, {in_features})"
+            )
+        specs[name] = dataclasses.replace(spec, in_features=in_features)
+    return specs
+
+
+def new_config(
+    weights: Mapping[str, Any],
+    target_modules: str | Sequence[str],
+    *,
+    r: int,
+    seed: int,
+    d_initial: float,
+    dvora: bool,
+    bias: str,
+    dropout: float,
+    fan_in_fan_out: bool,
+    detach_norm: bool,
+    layers_to_transform: int | Sequence[int] | None,
+    layers_pattern: str | Sequence[str] | None,
+) -> AdapterConfig:
+    """The config of a new adapter on the dense layers of ``weights`` that ``target_modules`` picks (PEFT's rules).
+
+    Every layer gets rank ``r``; the shared sizes are the largest of the picked layers.
+    Raises ValueError when nothing matches.
+    """
+    if not weights:
+        raise ValueError("the weight dictionary is empty")
+    candidates = linear_layers(weights)
+    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
+        candidates = [name for name in candidates if name.split(".")[-1] != OUTPUT_HEAD]
+    names = select_targets(
+        candidates, target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
+    )
+    sizes = {name: _features(weights[name + WEIGHT_SUFFIX], fan_in_fan_out) for name in names}
+    specs = {name: LayerSpec(out_f, r, in_f, fan_in_fan_out) for name, (out_f, in_f) in sizes.items()}
+    return AdapterConfig(
+        r=r,
+        seed=seed,
+        max_in=max(in_f for _, in_f in sizes.values()),
+        max_out=max(out_f for out_f, _ in sizes.values()),
+        layers=specs,
+        method="dvora" if dvora else "vera",
+        d_initial=d_initial,
+        dropout=dropout,
+        bias=bias,
+        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
+        extra={"framework": "numpy", **({"detach_norm": detach_norm} if dvora else {})},
+    )
+
+
 class AdaptedModel(Container):
     """The adapted layers of a weight dictionary, sharing one pair of projections.
 
@@ -87,23 +155,10 @@ class AdaptedModel(Container):
         self.weights = dict(weights)
         self.backend = backend
         self.A, self.B = A, B
-        available = linear_layers(self.weights)
-        specs: dict[str, LayerSpec] = {}
+        specs = checked_layers(self.weights, config)
         children: dict[str, AdaptedLinear] = {}
-        for index, (name, spec) in enumerate(config.layers.items()):
-            if name not in available:
-                raise AdapterFileError(
-                    f"the adapter targets layer {name!r}, which the weights lack (no 2-D {name + WEIGHT_SUFFIX!r}); "
-                    f"dense layers: {', '.join(available) or 'none'}"
-                )
+        for index, (name, spec) in enumerate(specs.items()):
             weight = self.weights[name + WEIGHT_SUFFIX]
-            out_features, in_features = _features(weight, spec.fan_in_fan_out)
-            if out_features != spec.out_features or spec.in_features not in (None, in_features):
-                raise AdapterFileError(
-                    f"layer {name!r}: the adapter expects (out, in) = ({spec.out_features}, {spec.in_features}) "
-                    f"but the weight gives ({out_features}, {in_features})"
-                )
-            specs[name] = dataclasses.replace(spec, in_features=in_features)
             options: dict[str, Any] = {"detach_norm": detach_norm} if config.method == "dvora" else {}
             layer_class = DVoraLinear if config.method == "dvora" else VeraLinear
             children[name] = layer_class(
@@ -328,29 +383,20 @@ def add_vera(
     >>> bool(np.allclose(model.merge()["fc1.weight"], w["fc1.weight"]))  # lambda_b starts at 0
     True
     """
-    if not weights:
-        raise ValueError("the weight dictionary is empty")
-    backend = Backend.of(next(iter(weights.values()))) if backend is None else backend
-    candidates = linear_layers(weights)
-    if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
-        candidates = [name for name in candidates if name.split(".")[-1] != OUTPUT_HEAD]
-    names = select_targets(
-        candidates, target_modules, layers_to_transform=layers_to_transform, layers_pattern=layers_pattern
-    )
-    sizes = {name: _features(weights[name + WEIGHT_SUFFIX], fan_in_fan_out) for name in names}
-    specs = {name: LayerSpec(out_f, r, in_f, fan_in_fan_out) for name, (out_f, in_f) in sizes.items()}
-    config = AdapterConfig(
+    config = new_config(
+        weights,
+        target_modules,
         r=r,
         seed=seed,
-        max_in=max(in_f for _, in_f in sizes.values()),
-        max_out=max(out_f for out_f, _ in sizes.values()),
-        layers=specs,
-        method="dvora" if dvora else "vera",
         d_initial=d_initial,
-        dropout=dropout,
+        dvora=dvora,
         bias=bias,
-        target_modules=target_modules if isinstance(target_modules, str) else list(target_modules),
-        extra={"framework": "numpy", **({"detach_norm": detach_norm} if dvora else {})},
+        dropout=dropout,
+        fan_in_fan_out=fan_in_fan_out,
+        detach_norm=detach_norm,
+        layers_to_transform=layers_to_transform,
+        layers_pattern=layers_pattern,
     )
+    backend = Backend.of(next(iter(weights.values()))) if backend is None else backend
     A, B = files.projections(config, backend)
     return AdaptedModel(weights, config, A, B, backend=backend, dropout_seed=dropout_seed, detach_norm=detach_norm)
