@@ -52,9 +52,15 @@ class ProjectionKey(NamedTuple):
 
     @property
     def name(self) -> str:
-        """An identifier usable in parameter names."""
-        tag = self.checksum[:16] if self.checksum else str(self.seed)
-        return f"{self.prng_id.replace('-', '_')}_{tag}_r{self.r}_i{self.max_in}_o{self.max_out}"
+        """An identifier usable in parameter names (made once per key: hot paths ask for it)."""
+        name = _KEY_NAMES.get(self)
+        if name is None:
+            tag = self.checksum[:16] if self.checksum else str(self.seed)
+            name = _KEY_NAMES[self] = f"{self.prng_id.replace('-', '_')}_{tag}_r{self.r}_i{self.max_in}_o{self.max_out}"
+        return name
+
+
+_KEY_NAMES: dict[ProjectionKey, str] = {}
 
 
 class SlotTable:

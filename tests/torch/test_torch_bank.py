@@ -173,3 +173,26 @@ def test_pager_serves_many_files_with_bounded_memory(tmp_path) -> None:
         pager.ensure(names[:5])
     with pytest.raises(FileNotFoundError, match="no adapter 'nobody'"):
         pager.ensure(["nobody"])
+
+
+def test_bank_adamw_starts_afresh_on_a_reused_row() -> None:
+    """A deleted adapter's row, reused by a new one: the new adapter gets no inherited moments or steps."""
+    model = vt.add_vera(_lm(), "all-linear", r=4, adapter_name="a")
+    vt.add_vera(model, "all-linear", r=4, adapter_name="keep")
+    vt.set_adapter(model, ["a", "keep"])
+    opt = vt.BankAdamW([p for p in model.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
+    for _ in range(3):
+        opt.zero_grad()
+        model(_ids(), adapter_names=["a", "a", "keep", "keep"]).square().mean().backward()
+        opt.step()
+    vt.delete_adapter(model, "a")
+    vt.add_vera(model, "all-linear", r=4, adapter_name="b")  # takes a's row
+    vt.set_adapter(model, ["b", "keep"])
+    twin = copy.deepcopy(model)  # the same model, with a fresh optimizer: what b must see
+    fresh = vt.BankAdamW([p for p in twin.parameters() if p.requires_grad], lr=0.1, weight_decay=0.0)
+    for m, o in ((model, opt), (twin, fresh)):
+        o.zero_grad()
+        m(_ids(), adapter_names=["b"] * 4).square().mean().backward()
+        o.step()
+    for key, value in _vectors(twin, "b").items():
+        torch.testing.assert_close(_vectors(model, "b")[key], value, rtol=0, atol=0)

@@ -18,6 +18,8 @@ sparse gradients instead of silently decaying the other adapters).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 from torch.nn import functional
@@ -30,6 +32,34 @@ NONE, VERA, DVORA = 0, 1, 2
 """Per-row method codes: no adapter in this layer, VeRA, DVoRA."""
 
 _OPTIONAL = ("magnitude", "bias")
+
+
+class RowGenerations:
+    """How many times each row was written: an optimizer's per-row state is stale once it changed.
+
+    Held by the bank; each of its parameters points to it (attribute ``vera_row_generations``),
+    so :class:`vera_torch.BankAdamW` resets the state of a row reused by a new adapter.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.counts = [0] * capacity
+        self._device: dict[torch.device, torch.Tensor] = {}
+
+    def bump(self, slot: int) -> None:
+        """Row ``slot`` now holds a different adapter (or none)."""
+        self.counts[slot] += 1
+        self._device.clear()
+
+    def grow(self, capacity: int) -> None:
+        self.counts.extend([0] * (capacity - len(self.counts)))
+        self._device.clear()
+
+    def on(self, device: torch.device) -> torch.Tensor:
+        """The counts as an int64 tensor on ``device`` (made again only after a change)."""
+        found = self._device.get(device)
+        if found is None:
+            found = self._device[device] = torch.tensor(self.counts, dtype=torch.int64, device=device)
+        return found
 
 
 def _resized(tensor: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -102,6 +132,18 @@ class AdapterBank(nn.Module):
         self._masks: dict[str, torch.Tensor] = {}
         self.trainable = True
         """False for a bank made after FSDP2 sharded the model: it serves, but never trains."""
+        self.generations = RowGenerations(capacity)
+        self._tag()
+
+    def _tag(self) -> None:
+        """Point every parameter at the row generations (for BankAdamW)."""
+        for param in self.parameters_by_kind().values():
+            param.vera_row_generations = self.generations  # type: ignore[attr-defined]
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Copies (``copy.deepcopy``, pickle) make new parameters: tag them too."""
+        super().__setstate__(state)
+        self._tag()
 
     # ------------------------------------------------------------------ shape
     @property
@@ -165,6 +207,7 @@ class AdapterBank(nn.Module):
         self.own_bias.extend([False] * extra)
         self.detach_norm.extend([False] * extra)
         self._shape[:] = [capacity, width]
+        self.generations.grow(capacity)
         self._counts["narrow"] = sum(1 for m, r in zip(self.methods, self.ranks, strict=True) if m and r < width)
         self._masks.clear()
 
@@ -174,6 +217,7 @@ class AdapterBank(nn.Module):
             like = self.lambda_b
             param = nn.Parameter(torch.zeros_like(like), requires_grad=like.requires_grad)
             setattr(self, kind, param)
+            self._tag()
         return param
 
     def freeze(self) -> None:
@@ -203,6 +247,7 @@ class AdapterBank(nn.Module):
             self.grow(self.capacity, rank)
         if self.methods[slot]:
             self.clear(slot)
+        self.generations.bump(slot)
         with torch.no_grad():  # a free row is zero: only the adapter's own entries are written
             if isinstance(lambda_d, torch.Tensor):
                 self.lambda_d[slot, :rank] = lambda_d
@@ -225,6 +270,7 @@ class AdapterBank(nn.Module):
             for param in self.parameters_by_kind().values():
                 param[slot].zero_()
         self._count(slot, -1)
+        self.generations.bump(slot)
         self.methods[slot], self.ranks[slot], self.own_bias[slot] = NONE, 0, False
         self.detach_norm[slot] = False
         self._masks.clear()

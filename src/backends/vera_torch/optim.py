@@ -97,6 +97,7 @@ class BankAdamW(torch.optim.Optimizer):
             state[name] = _grown(state[name], table)
         if state["step"].shape[0] != table.shape[0]:
             state["step"] = _grown(state["step"], table[:, 0].to(torch.float64))
+        generations = getattr(param, "vera_row_generations", None)
         if grad.is_sparse:
             grad = grad.coalesce()
             rows, values = grad.indices()[0], grad.values()
@@ -106,11 +107,22 @@ class BankAdamW(torch.optim.Optimizer):
         if rows.numel() == 0:
             return
         lr, (beta1, beta2), eps, decay = group["lr"], group["betas"], group["eps"], group["weight_decay"]
-        step = state["step"].index_select(0, rows) + 1
-        state["step"].index_copy_(0, rows, step)
-        p = table.index_select(0, rows)
+        step = state["step"].index_select(0, rows)
         exp_avg = state["exp_avg"].index_select(0, rows)
         exp_avg_sq = state["exp_avg_sq"].index_select(0, rows)
+        if generations is not None:  # a row reused by another adapter since its state was made starts afresh
+            now = generations.on(param.device).index_select(0, rows)
+            seen = state.setdefault("generation", torch.zeros(table.shape[0], dtype=torch.int64, device=param.device))
+            if seen.shape[0] != table.shape[0]:
+                seen = state["generation"] = _grown(seen, now.new_zeros(table.shape[0]))
+            fresh = (seen.index_select(0, rows) == now).to(exp_avg.dtype).view((-1,) + (1,) * (exp_avg.dim() - 1))
+            exp_avg.mul_(fresh)
+            exp_avg_sq.mul_(fresh)
+            step = step * fresh.view(-1).to(step.dtype)
+            seen.index_copy_(0, rows, now)
+        step = step + 1
+        state["step"].index_copy_(0, rows, step)
+        p = table.index_select(0, rows)
         # torch.optim.AdamW's single-tensor update, row by row (bias corrections per row's own step)
         p.mul_(1 - lr * decay)
         exp_avg.lerp_(values, 1 - beta1)

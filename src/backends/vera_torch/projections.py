@@ -11,44 +11,16 @@ enter ``state_dict()``, and follow the activations to another device on first us
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
 
 import torch
 from array_api_compat import torch as xp_torch
 
 import vera_core as vc
 from vera_core.adapter_file import projection_checksum
+from vera_core.slots import ProjectionKey
 from vera_core.peft_format import PEFT_PRNG_ID
 
 __all__ = ["ProjectionKey", "ProjectionStore", "generate", "peft_projections"]
-
-
-class ProjectionKey(NamedTuple):
-    """Identifies one shared pair: generator, seed (or checksum for stored pairs) and shapes."""
-
-    prng_id: str
-    seed: int
-    r: int
-    max_in: int
-    max_out: int
-    checksum: str | None = None
-
-    def covers(self, r: int, in_features: int, out_features: int) -> bool:
-        """Whether a layer of this rank and size fits in the pair."""
-        return r <= self.r and in_features <= self.max_in and out_features <= self.max_out
-
-    @property
-    def name(self) -> str:
-        """A buffer-name-safe identifier."""
-        name = _NAMES.get(self)
-        if name is None:
-            tag = self.checksum[:16] if self.checksum else str(self.seed)
-            name = _NAMES[self] = f"{self.prng_id.replace('-', '_')}_{tag}_r{self.r}_i{self.max_in}_o{self.max_out}"
-        return name
-
-
-_NAMES: dict[ProjectionKey, str] = {}
-"""Each key's name, made once (a hot path asks for it)."""
 
 
 def peft_projections(
