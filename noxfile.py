@@ -21,7 +21,7 @@ PYTEST = ("pytest", "-q", "-p", "no:cacheprovider")
 BACKENDS = {
     "numpy": ("numpy", [], "numpy"),
     "strict": ("strict", [], "array_api_strict"),
-    "torch": ("torch", [TORCH], "torch,torch-cuda"),
+    "torch": ("torch", [TORCH, "transformers>=4.45"], "torch,torch-cuda"),  # transformers: test_torch_compile
     "jax": ("jax", [], "jax"),
     "cupy": ("cupy", [], "cupy"),
 }
