@@ -30,7 +30,9 @@ variant is timed with and without activation checkpointing (``--checkpointing``)
 them interleaved in one loop (A B C ... A B C ...) so that machine noise hits all alike.
 Reported: median and best seconds per step, tokens per second (median), and ratios of the
 median (and of the best) to PEFT VeRA, PEFT LoRA r=16 and PEFT DoRA r=16 measured in the
-same run and the same checkpointing setting; on CUDA also the peak memory of a step. Each
+same run and the same checkpointing setting. On CUDA also the peak memory allocated during
+the first two steps beyond what the model held before them (activations, gradients, the
+optimizer's state; with ``--compile``, the compiler's and CUDA graphs' buffers too). Each
 sample on CUDA is ``--inner`` steps between synchronisations.
 
 Before timing, every model is checked: the trainable parameter count equals the count
@@ -101,6 +103,7 @@ class Case:
     step: Callable[[], torch.Tensor] = field(repr=False, default=lambda: torch.zeros(()))
     graph_breaks: int | None = None
     peak_mib: float | None = None
+    first_steps_s: float | None = None
 
     @property
     def name(self) -> str:
@@ -288,7 +291,8 @@ def count_graph_breaks(case: Case, ids: torch.Tensor, autocast: bool) -> int:
 
 
 def first_step(case: Case, device: str) -> None:
-    """Run two steps (compiling them with --compile), measuring the CUDA peak."""
+    """Run two steps (compiling them with --compile), timing them and measuring the CUDA peak."""
+    start = time.perf_counter()
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -298,6 +302,7 @@ def first_step(case: Case, device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
         case.peak_mib = (torch.cuda.max_memory_allocated() - held) / 2**20
+    case.first_steps_s = time.perf_counter() - start
 
 
 def check_training(args: argparse.Namespace, dtype: torch.dtype, ids: torch.Tensor) -> bool:
@@ -380,7 +385,7 @@ def print_table(cases: list[Case], times: dict[str, list[float]], tokens: int, a
     compiled = args.compile is not None
     columns = ["checkpointing", "variant", "trainable", "median ms", "best ms", "tokens/s"]
     columns += [f"vs {label(b, args)} (median / best)" for b in BASELINES]
-    columns += ["CUDA peak MiB"] * cuda + ["graph breaks"] * compiled
+    columns += ["CUDA peak MiB"] * cuda + ["graph breaks", "first 2 steps s (compiling)"] * compiled
     print("| " + " | ".join(columns) + " |")
     print("|" + "---|" * len(columns))
     rows = []
@@ -400,7 +405,8 @@ def print_table(cases: list[Case], times: dict[str, list[float]], tokens: int, a
         name = label(case.variant, args)
         first = ["on" if case.checkpointing else "off", f"**{name}**" if case.variant in ("vera", "dvora") else name]
         first += [f"{case.trainable:,}", f"{median * 1e3:.1f}", f"{best * 1e3:.1f}", f"{tokens / median:,.0f}"]
-        last = ([f"{case.peak_mib:.0f}"] if cuda else []) + ([str(case.graph_breaks)] if compiled else [])
+        last = [f"{case.peak_mib:.0f}"] if cuda else []
+        last += [str(case.graph_breaks), f"{case.first_steps_s:.1f}"] if compiled else []
         print("| " + " | ".join(first + cells + last) + " |", flush=True)
         rows.append(
             {
@@ -415,6 +421,7 @@ def print_table(cases: list[Case], times: dict[str, list[float]], tokens: int, a
                 "ratios_best": {b: best / base[b][1] for b in base if b != case.variant},
                 "cuda_peak_mib": case.peak_mib,
                 "graph_breaks": case.graph_breaks,
+                "first_steps_s": case.first_steps_s,
             }
         )
     print("\nvs X: this variant's median (and best) step time over X's, same checkpointing setting; below 1: faster.")
