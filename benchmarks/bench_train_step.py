@@ -198,12 +198,17 @@ def disable_checkpointing(hf_model: nn.Module) -> None:
         hf_model.gradient_checkpointing_disable()
 
 
+def autocast_context(device: str, on: bool) -> contextlib.AbstractContextManager:
+    """bfloat16 autocast on ``device`` when ``on`` (``--autocast``), else nothing."""
+    return torch.autocast(device, dtype=torch.bfloat16) if on else contextlib.nullcontext()
+
+
 def make_step(case: Case, ids: torch.Tensor, args: argparse.Namespace, lr: float = 1e-3) -> Callable[[], torch.Tensor]:
     """One training step of ``case.model`` (compiled with ``--compile``); returns the loss."""
     params = [p for p in case.model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=lr)
     forward = case.model if args.compile is None else torch.compile(case.model, mode=args.compile)
-    autocast = torch.autocast(args.device, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
+    autocast = autocast_context(args.device, args.autocast)
     mark_step = args.compile == "reduce-overhead" and args.device == "cuda"
 
     def step() -> torch.Tensor:
@@ -236,8 +241,7 @@ def recomputes(case: Case, ids: torch.Tensor, autocast: bool) -> int:
 
     mlp.forward = counting
     try:
-        context = torch.autocast(ids.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-        with context:
+        with autocast_context(ids.device.type, autocast):
             loss = case.model(input_ids=ids, labels=ids).loss
         loss.backward()
     finally:
@@ -283,8 +287,7 @@ def time_round_robin(cases: list[Case], device: str, warmup: int, repeats: int, 
 
 def count_graph_breaks(case: Case, ids: torch.Tensor, autocast: bool) -> int:
     """Graph breaks Dynamo finds in the forward (``torch._dynamo.explain``; it resets Dynamo's caches)."""
-    context = torch.autocast(ids.device.type, dtype=torch.bfloat16) if autocast else contextlib.nullcontext()
-    with context:
+    with autocast_context(ids.device.type, autocast):
         explained = torch._dynamo.explain(case.model)(input_ids=ids, labels=ids)
     case.model.zero_grad(set_to_none=True)
     return explained.graph_break_count
@@ -346,8 +349,7 @@ def _checkpointing_gradients(case: Case, ids: torch.Tensor, args: argparse.Names
                 p.add_(0.05 * torch.randn(p.shape, generator=generator).to(p))
 
     def grads() -> dict[str, torch.Tensor]:
-        context = torch.autocast(args.device, dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext()
-        with context:
+        with autocast_context(args.device, args.autocast):
             loss = case.model(input_ids=ids, labels=ids).loss
         loss.backward()
         out = {n: p.grad.detach().float().clone() for n, p in case.model.named_parameters() if p.grad is not None}
