@@ -2,8 +2,8 @@
 # Every check that needs a CUDA GPU, in one script for a lent H100/H200 machine.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh               # here first, once: the wheels into .whl/
-#   bash benchmarks/gpu_checks.sh [RESULTS]           # on the GPU machine (RESULTS: default $OUT, else ./gpu-results)
-#   bash benchmarks/gpu_checks.sh --only layer-compiled,train-compiled [RESULTS]    # a rerun of some parts
+#   bash benchmarks/gpu_checks.sh [RESULTS]           # there (RESULTS: default $OUT, else ./gpu-results)
+#   bash benchmarks/gpu_checks.sh --only train-compiled,tests-cupy [RESULTS]   # rerun some parts
 #   bash benchmarks/gpu_checks.sh --dry-run [RESULTS] # on a CPU machine: the script's logic, tiny sizes
 #
 # It installs the carried wheels (.whl/, git-ignored; see fetch_gpu_wheels.sh) that the machine
@@ -13,14 +13,15 @@
 #   layer-eager      benchmarks/bench_torch_layer.py, bf16, 8192x4096x4096 and 2048x1024x1024
 #   train-eager      benchmarks/bench_train_step.py, bf16, whole Llama-style training step
 #   layer-compiled   the layer benchmark under torch.compile(mode="reduce-overhead") (CUDA graphs)
-#   tests-torch-cuda pytest with VERA_BACKENDS=torch-cuda (tests/core, tests/array_backends, tests/torch)
-#   tests-cupy       pytest with VERA_BACKENDS=cupy (tests/core, tests/array_backends)
 #   train-compiled   the training step under torch.compile(mode="reduce-overhead"), checkpointing off
-#   many-adapters    benchmarks/bench_many_adapters.py, when that file exists
+#   tests-torch-cuda pytest, VERA_BACKENDS=torch-cuda: the tests that run on the GPU (-k "cuda or docs")
+#   tests-cupy       pytest, VERA_BACKENDS=cupy: the tests that run on CuPy (-k cupy)
+#   many-adapters    benchmarks/bench_many_adapters.py --device cuda, once that file exists
 #
 # The whole run keeps within VERA_GPU_BUDGET_S seconds (default 400, under 7 minutes; 1500 with
-# --dry-run, which also gives each part 4x its limit, the CPU being slower): a part whose turn comes with less than 20 s left is skipped
-# and says so, and a part's limit is cut to what is left. Results (at most 8 files, as a device
+# --dry-run, which also gives each part 4x its limit, the CPU being slower). A part whose turn
+# comes with less than 20 s left is skipped and says so; a part's limit is cut to what is left.
+# VERA_GPU_SITE (default /tmp/site) is where the wheels go. Results (at most 8 files, as a device
 # call returns them):
 #
 #   RESULTS/report.md        the device, the package versions, every part's command and tables,
@@ -43,7 +44,7 @@ while [ $# -gt 0 ]; do
         *) break ;;
     esac
 done
-parts=",layer-eager,train-eager,layer-compiled,tests-torch-cuda,tests-cupy,train-compiled,many-adapters,"
+parts=",layer-eager,train-eager,layer-compiled,train-compiled,tests-torch-cuda,tests-cupy,many-adapters,"
 for name in ${only//,/ }; do
     if [[ $parts != *",$name,"* ]]; then
         echo "gpu_checks.sh: --only: no part named '$name' (parts: ${parts:1:-1})" >&2
@@ -158,7 +159,7 @@ part() {
     fi
     limit=$((limit * stretch))
     [ "$limit" -gt "$left" ] && limit=$left
-    say "\`$*\` (limit ${limit} s)"
+    say "\`$(printf '%q ' "$@")\` (limit ${limit} s)"
     say ""
     echo "=== $name: $*" >>"$log"
     local t0=$SECONDS rc
@@ -179,12 +180,15 @@ part() {
 tests() {
     local backend=$1
     shift
-    local out
+    local out command=("$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short "$@")
     out=$(mktemp)
-    VERA_BACKENDS=$backend "$PY" -m pytest -q -p no:cacheprovider -rfE --tb=short "$@" >"$out" 2>&1
+    echo "VERA_BACKENDS=$backend $(printf '%q ' "${command[@]}")"
+    echo
+    VERA_BACKENDS=$backend "${command[@]}" >"$out" 2>&1
     local rc=$?
     cat "$out" >>"$log"
-    grep -E "^(FAILED|ERROR) |^=* ?[0-9]+ (passed|failed|errors?|skipped|tests? collected)|no tests ran" "$out" | tail -40
+    grep -E "^(FAILED|ERROR) |^=* ?[0-9]+(/[0-9]+)? (passed|failed|errors?|skipped|tests? collected)|no tests ran" \
+        "$out" | tail -40
     rm -f "$out"
     return $rc
 }
@@ -203,24 +207,27 @@ else
     collect=(--collect-only)
 fi
 
-part layer-eager 75 "one adapted layer, forward + backward, bf16, eager (ratios to the bare layer)" -- \
+part layer-eager 60 "one adapted layer, forward + backward, bf16, eager (ratios to the bare layer)" -- \
     "$PY" benchmarks/bench_torch_layer.py "${device[@]}" "${layer_sizes[@]}"
-part train-eager 90 "whole training step of the Llama-style model, bf16 weights, eager" -- \
+part train-eager 75 "whole training step of the Llama-style model, bf16 weights, eager" -- \
     "$PY" benchmarks/bench_train_step.py "${device[@]}" "${step_size[@]}" --json "$results/train_step_eager.json"
 part layer-compiled 100 "one adapted layer under torch.compile(mode=\"reduce-overhead\"): CUDA graphs, no host time" -- \
     "$PY" benchmarks/bench_torch_layer.py "${device[@]}" "${layer_sizes[@]}" --compile reduce-overhead
-part tests-torch-cuda 100 "the test suite with VERA_BACKENDS=torch-cuda" -- \
-    tests torch-cuda "${xdist[@]}" "${collect[@]}" tests/core tests/array_backends tests/torch \
-    --ignore=tests/torch/test_torch_compile.py
-part tests-cupy 60 "the test suite with VERA_BACKENDS=cupy" -- \
-    tests cupy "${xdist[@]}" "${collect[@]}" tests/core tests/array_backends
-part train-compiled 150 "whole training step under torch.compile(mode=\"reduce-overhead\"), checkpointing off" -- \
+part train-compiled 180 "whole training step under torch.compile(mode=\"reduce-overhead\"), checkpointing off" -- \
     "$PY" benchmarks/bench_train_step.py "${device[@]}" "${step_size[@]}" --compile reduce-overhead \
     --checkpointing off --json "$results/train_step_compiled.json"
+# The tests that use the GPU: parametrized for the backend, or named for it (test_torch_cuda.py,
+# test_array_cupy.py), and docs/torch.md's examples (its CUDA-graphs example runs only on a GPU).
+# The CPU-only tests run in CI.
+part tests-torch-cuda 100 "the tests on torch-cuda (VERA_BACKENDS=torch-cuda)" -- \
+    tests torch-cuda "${xdist[@]}" "${collect[@]}" tests/core tests/array_backends tests/torch \
+    --ignore=tests/torch/test_torch_compile.py -k "cuda or docs"
+part tests-cupy 60 "the tests on CuPy (VERA_BACKENDS=cupy)" -- \
+    tests cupy "${xdist[@]}" "${collect[@]}" tests/core tests/array_backends -k cupy
 # Hook for a benchmark of many adapters (mixed-adapter batches); runs once the file exists.
 if [ -f benchmarks/bench_many_adapters.py ]; then
     part many-adapters 45 "benchmarks/bench_many_adapters.py" -- \
-        "$PY" benchmarks/bench_many_adapters.py "${device[@]}"
+        "$PY" benchmarks/bench_many_adapters.py "${device[@]:0:2}"
 elif [ -z "$only" ]; then
     summary+=("| many-adapters | not present (benchmarks/bench_many_adapters.py) | 0 |")
 fi
