@@ -19,7 +19,7 @@ import pytest
 
 import vera_core as vc
 
-from .host import require_dtype, to_numpy
+from .host import dtypes, to_numpy
 
 IN, OUT, WIDTH, SHARED_R, MAX_IN, MAX_OUT = 7, 5, 4, 6, 8, 6
 RANKS = (4, 2, 3, 4)
@@ -185,10 +185,10 @@ def core_grads(xp: Any, device: Any, dtype: Any, values: dict[str, np.ndarray]) 
 
 
 @pytest.mark.parametrize("tokens", [0, 3, 6], ids=["no-tokens", "tokens<rank", "tokens>rank"])
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", dtypes("float32", "float64"))
 @pytest.mark.parametrize("oracle", ORACLES)
 def test_rows_backward_matches_autodiff(xp: Any, device: Any, oracle: str, dtype_name: str, tokens: int) -> None:
-    dtype = require_dtype(xp, device, dtype_name)
+    dtype = getattr(xp, dtype_name)
     values = _problem(tokens)
     if (oracle, tokens) not in _EXPECTED:
         _EXPECTED[oracle, tokens] = ORACLES[oracle](values)
@@ -202,9 +202,10 @@ def test_rows_backward_matches_autodiff(xp: Any, device: Any, oracle: str, dtype
     assert np.all(got["D"][3] == 0) and np.all(got["Bv"][3] == 0)  # adapter 3 is absent from the batch
 
 
+@pytest.mark.needs_dtype("float64")
 def test_forward_matches_the_plain_loss(xp: Any, device: Any) -> None:
     """The composed forward is the oracle's (so the gradients above are of the same function)."""
-    dtype = require_dtype(xp, device, "float64")
+    dtype = xp.float64
     values = _problem(3)
     y, _ = core_grads(xp, device, dtype, values)
     expected = plain_loss(values, lambda t: t)
@@ -221,10 +222,10 @@ def test_finite_differences_see_the_exact_norm() -> None:
 
 
 @pytest.mark.parametrize("tokens", [1, 5])
-@pytest.mark.parametrize("dtype_name", ["float32", "float64"])
+@pytest.mark.parametrize("dtype_name", dtypes("float32", "float64"))
 def test_rows_backward_equals_one_adapter_per_row(xp: Any, device: Any, dtype_name: str, tokens: int) -> None:
     """Each row's gradients are vera_backward's for that row alone (dropout mask included)."""
-    dtype = require_dtype(xp, device, dtype_name)
+    dtype = getattr(xp, dtype_name)
     rng = np.random.default_rng(2)
     batch, rank = 4, 4
     A, B = vc.generate_projections(9, 6, 8, 6, xp=xp, dtype=dtype, device=device)
@@ -275,6 +276,7 @@ def test_row_functions_check_their_arguments(xp: Any, device: Any) -> None:
         vc.dvora_rows_backward(z, z, frozen, B, m, d, b[:1, ...], n, rows)
 
 
+@pytest.mark.needs_dtype("float64")
 @pytest.mark.parametrize("order", ["sorted", "unsorted", "equal-segments"])
 def test_segment_sum_and_take_rows(xp: Any, device: Any, order: str) -> None:
     """Against a loop on the host, with rows left out (-1), empty segments, and a trailing axis."""
@@ -289,7 +291,7 @@ def test_segment_sum_and_take_rows(xp: Any, device: Any, order: str) -> None:
     for i, s in enumerate(ids_host):
         if s >= 0:
             expected[s] += values_host[i]
-    dtype = require_dtype(xp, device, "float64")
+    dtype = xp.float64
     got = vc.segment_sum(xp.asarray(values_host, dtype=dtype, device=device), xp.asarray(ids_host, device=device), 7)
     np.testing.assert_array_equal(to_numpy(got), expected)
     table = xp.asarray(values_host[:5, :, 0], dtype=dtype, device=device)

@@ -648,8 +648,10 @@ class VeraLinear(nn.Module):
             and self.base_layer._parameters["weight"] is fast.weight
             and x.numel() // self.in_features < fast.dense_tokens[torch.is_grad_enabled()]
         ):
-            C_t = lr.fold_row_t(xp, fast.B_t, fast.lambda_d, fast.lambda_b)
+            # the same operators in the same order as the general path below: activation
+            # checkpointing recomputes a forward and requires the same graph
             base = functional.linear(x, fast.weight, fast.bias)
+            C_t = lr.fold_row_t(xp, fast.B_t, fast.lambda_d, fast.lambda_b)
             return lr.add_product_t(xp, base, lr.project_t(xp, x, fast.A_t), C_t)
         if state.disabled or args or kwargs:
             if not state.disabled and (state.rows is not None or self._plan_steps()):
