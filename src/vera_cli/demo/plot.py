@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from vera_cli.demo.report import Result
-from vera_core.adapter_file import write_atomically
+from vera_core.atomic import write_file
 
 
 def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
@@ -43,5 +43,5 @@ def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    write_file(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
