@@ -185,7 +185,7 @@ def test_merge_refuses_shape_mismatch_and_nonfinite(
 
     tensors["enc.fc2.lambda_b"] = np.where(np.arange(10) == 0, np.nan, tensors["enc.fc2.lambda_b"])
     nan_adapter = tmp_path / "nan.safetensors"
-    with pytest.raises(ValueError, match="enc.fc2.lambda_b' holds NaN"):
+    with pytest.raises(ValueError, match=r"enc\.fc2\.lambda_b' holds NaN"):
         save_adapter_file(nan_adapter, config, tensors)
     metadata = {"format": "vera-core", "format_version": "1", "config": config.to_json()}
     write_safetensors(nan_adapter, tensors, metadata)  # written around the checks
