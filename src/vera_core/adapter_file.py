@@ -13,9 +13,9 @@ All are real floating tensors (float16, bfloat16, float32 or float64).
 
 The safetensors header's ``__metadata__`` holds exactly ``format`` (``"vera-core"``),
 ``format_version`` (``"1"``), ``config`` (the :class:`AdapterConfig` as JSON) and
-``payload_sha256`` (:func:`vera_core.safetensors_file.tensor_digest` of every tensor in
-the file: a changed bit in any vector is detected on load; files written before it
-existed lack it and still load). The projections are normally *not* stored: they are
+``payload_sha256`` (:func:`vera_core.safetensors_file.tensor_digest` of the config text
+and every tensor in the file: a changed bit in any vector, or in the config, is detected
+on load; files written before it existed lack it and still load). The projections are normally *not* stored: they are
 regenerated from ``seed`` with the generator ``prng_id``/``prng_version``, and
 ``projections_sha256`` (of the float32 little-endian bytes of A then B, required)
 detects a generator that disagrees. Files are written atomically
@@ -355,11 +355,11 @@ def save_adapter_file(path: str | os.PathLike[str], config: AdapterConfig, tenso
         if not np.all(np.isfinite(value)):
             raise AdapterFileError(f"tensor {name!r} holds NaN or infinity; refusing to write it")
     laid = safetensors_file.host_layout(host)
-    digest = safetensors_file.layout_digest(laid)
+    text = config.to_json()
     metadata = {
         "format": FORMAT_NAME,
         "format_version": str(FORMAT_VERSION),
-        "config": config.to_json(),
-        "payload_sha256": digest,
+        "config": text,
+        "payload_sha256": safetensors_file.layout_digest(laid, config=text.encode()),
     }
     safetensors_file.write(path, {name: array for name, (_, array) in laid.items()}, metadata)

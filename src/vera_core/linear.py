@@ -5,7 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 from vera_core import _lowrank as lr
-from vera_core._validation import check_activations, check_same_device, check_same_shape, namespace
+from vera_core._validation import (
+    check_activations,
+    check_real_float_dtype,
+    check_same_device,
+    check_same_shape,
+    namespace,
+)
+
+
+def _check_floats(xp: Any, named: dict[str, Any]) -> None:
+    """TypeError unless every array given is real floating (an integer input would give integers)."""
+    for name, array in named.items():
+        if array is not None:
+            check_real_float_dtype(xp, array.dtype, name)
 
 
 def linear(x: Any, weight: Any, bias: Any = None, *, fan_in_fan_out: bool = False) -> Any:
@@ -18,6 +31,7 @@ def linear(x: Any, weight: Any, bias: Any = None, *, fan_in_fan_out: bool = Fals
     (2, 4)
     """
     xp = namespace(x, weight, *(() if bias is None else (bias,)))
+    _check_floats(xp, {"x": x, "weight": weight, "bias": bias})
     out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
     check_activations("x", x, in_features, "in_features on the last axis")
     check_same_device({"x": x, "weight": weight, "bias": bias})
@@ -36,6 +50,7 @@ def linear_input_grad(grad_y: Any, weight: Any, *, fan_in_fan_out: bool = False)
     (2, 3)
     """
     xp = namespace(grad_y, weight)
+    _check_floats(xp, {"grad_y": grad_y, "weight": weight})
     out_features, _ = lr.weight_shape(weight, fan_in_fan_out)
     check_activations("grad_y", grad_y, out_features, "out_features on the last axis")
     return lr.weight_input_grad(xp, grad_y, weight, fan_in_fan_out)

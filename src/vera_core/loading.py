@@ -352,8 +352,12 @@ def _materialise(parsed: _Parsed, budget: int) -> tuple[dict[str, np.ndarray], t
         needed += _projection_bytes(config.r, config.max_in, config.max_out)
         what += f", projections r={config.r} x (max_in={config.max_in} + max_out={config.max_out})"
     _check_budget(needed, budget, what)
-    if parsed.payload_sha256 is not None and contents.digest(parsed.keys.values()) != parsed.payload_sha256:
-        raise PayloadMismatchError("its tensors do not match the payload_sha256 recorded when it was written")
+    if parsed.payload_sha256 is not None:
+        config_text = contents.metadata.get("config", "").encode() if parsed.format == FORMAT_OURS else b""
+        if contents.digest(parsed.keys.values(), config=config_text) != parsed.payload_sha256:
+            raise PayloadMismatchError(
+                "its tensors (or config) do not match the payload_sha256 recorded when it was written"
+            )
     arrays: dict[str, np.ndarray] = {}
     for name, key in parsed.keys.items():
         code = contents.entries[key].dtype

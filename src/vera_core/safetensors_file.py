@@ -184,10 +184,11 @@ class Contents:
         array.flags.writeable = False
         return array
 
-    def digest(self, keys: Iterable[str]) -> str:
-        """:func:`tensor_digest` of the tensors ``keys`` as stored."""
+    def digest(self, keys: Iterable[str], *, config: bytes = b"") -> str:
+        """:func:`tensor_digest` of the tensors ``keys`` as stored (and of ``config``)."""
         chosen = [(key, self.entries[key]) for key in keys]
-        return tensor_digest((key, e.dtype, e.shape, self.data[e.start : e.stop]) for key, e in chosen)
+        items = [(key, e.dtype, e.shape, self.data[e.start : e.stop]) for key, e in chosen]
+        return tensor_digest(items, config=config)
 
 
 def _sniff(head: bytes) -> str:
@@ -292,12 +293,13 @@ def widen_float(array: np.ndarray, code: str) -> np.ndarray:
     raise AdapterFileError(f"dtype {code} is not a real floating dtype (float16, bfloat16, float32, float64)")
 
 
-def tensor_digest(items: Iterable[tuple[str, str, tuple[int, ...], Any]]) -> str:
+def tensor_digest(items: Iterable[tuple[str, str, tuple[int, ...], Any]], *, config: bytes = b"") -> str:
     """SHA-256 over tensors given as ``(name, dtype code, shape, bytes)``, in name order.
 
-    Each contributes its UTF-8 name, dtype code and comma-joined shape (each followed by a
-    zero byte), its byte count (8 bytes, little-endian) and its bytes as stored
-    (little-endian): names, dtypes, shapes and values are all covered.
+    ``config`` (a vera-core file's config JSON, as stored) comes first when given: its byte
+    count (8 bytes, little-endian) and bytes. Then each tensor contributes its UTF-8 name,
+    dtype code and comma-joined shape (each followed by a zero byte), its byte count and
+    its bytes as stored (little-endian): names, dtypes, shapes and values are all covered.
 
     Examples
     --------
@@ -305,6 +307,9 @@ def tensor_digest(items: Iterable[tuple[str, str, tuple[int, ...], Any]]) -> str
     64
     """
     digest = hashlib.sha256()
+    if config:
+        digest.update(len(config).to_bytes(8, "little"))
+        digest.update(config)
     for name, code, shape, data in sorted(items, key=lambda item: item[0]):
         digest.update(f"{name}\0{code}\0{','.join(map(str, shape))}\0".encode())
         digest.update(len(data).to_bytes(8, "little"))
@@ -351,9 +356,10 @@ def flat_bytes(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view("u1").data
 
 
-def layout_digest(laid: Mapping[str, tuple[str, np.ndarray]]) -> str:
+def layout_digest(laid: Mapping[str, tuple[str, np.ndarray]], *, config: bytes = b"") -> str:
     """:func:`tensor_digest` of :func:`host_layout`'s result (what :func:`write` will store)."""
-    return tensor_digest((name, code, array.shape, flat_bytes(array)) for name, (code, array) in laid.items())
+    items = ((name, code, array.shape, flat_bytes(array)) for name, (code, array) in laid.items())
+    return tensor_digest(items, config=config)
 
 
 def write(path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: Mapping[str, str] | None = None) -> None:

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
+from array_api_compat import device as device_of
+
 from vera_core import _lowrank as lr
 from vera_core._validation import (
     check_activations,
@@ -25,6 +27,7 @@ from vera_core._validation import (
     check_ndim,
     check_positive_int,
     check_same_shape,
+    namespace,
 )
 
 
@@ -435,11 +438,19 @@ def vera_delta_rows(x: Any, A: Any, B: Any, lambda_d_rows: Any, lambda_b_rows: A
     for name, rows in (("lambda_d_rows", lambda_d_rows), ("lambda_b_rows", lambda_b_rows)):
         if rows.shape[0] != batch:
             raise ValueError(f"{name} has {rows.shape[0]} rows but x has a batch of {batch}")
+    if batch:
+        first_d, first_b = lambda_d_rows[0, :], lambda_b_rows[0, :]
+    else:  # an empty batch: vectors of the rows' shapes stand in for the (absent) first row
+        xp = namespace(x, lambda_d_rows, lambda_b_rows)
+        first_d, first_b = (
+            xp.zeros((rows.shape[1],), dtype=rows.dtype, device=device_of(rows))
+            for rows in (lambda_d_rows, lambda_b_rows)
+        )
     xp, shape = check_adapter(
         A,
         B,
-        lambda_d_rows[0, :],
-        lambda_b_rows[0, :],
+        first_d,
+        first_b,
         x.shape[-1],
         activation_dtype=x.dtype,
         extra={"x": x, "lambda_d_rows": lambda_d_rows, "lambda_b_rows": lambda_b_rows},
