@@ -148,8 +148,8 @@ def merge_weights(base: dict[str, np.ndarray], adapter: VerifiedAdapter) -> dict
 def _same_file(first: str, second: str) -> bool:
     try:
         return os.path.samefile(first, second)
-    except OSError:
-        return Path(first).resolve() == Path(second).resolve()
+    except OSError:  # one is missing (or a symbolic link loop): compare the names
+        return os.path.realpath(first) == os.path.realpath(second)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -89,7 +89,7 @@ def parse_peft_config(value: Any, where: str = "adapter_config.json") -> PeftVer
     field = f"{where} field"
     peft_type = s.string(f"{field} 'peft_type'", raw["peft_type"])
     if peft_type != "VERA":
-        raise AdapterFileError(f"{where} describes a {s.shown(peft_type)} adapter, not a PEFT VeRA adapter")
+        raise AdapterFileError(f"{field} 'peft_type' is {s.shown(peft_type)}: not a PEFT VeRA adapter ('VERA')")
     r = s.integer(f"{field} 'r'", raw["r"], low=1, high=MAX_SIZE)
     seed = s.integer(f"{field} 'projection_prng_key'", raw.get("projection_prng_key", 0), low=0, high=2**64 - 1)
     save_projection = s.boolean(f"{field} 'save_projection'", raw.get("save_projection", True))

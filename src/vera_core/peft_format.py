@@ -113,7 +113,9 @@ def read_peft_folder(folder: Path, budget: int) -> _Parsed:
             f"{folder} holds {PICKLE_NAME}, a pickle, and no {WEIGHTS_NAME}; vera-core never unpickles files "
             "(save it with PEFT's safe_serialization=True)"
         )
-    text = safetensors_file.read_regular_file(config_path, "a JSON adapter config", max_bytes=MAX_CONFIG_BYTES)
+    text = safetensors_file.read_regular_file(
+        config_path, "a JSON adapter config", max_bytes=MAX_CONFIG_BYTES, limit="the limit for a PEFT config"
+    )
     peft = parse_peft_config(s.parse_json(bytes(text), CONFIG_NAME))
     contents = safetensors_file.read(weights_path, "a PEFT weights file", max_bytes=max(budget - len(text), 0))
     names = _map_keys(contents)

@@ -221,3 +221,19 @@ def peft_folder(
     data = container(peft_tensors() if tensors is None else tensors, {"format": "pt"}) if weights is None else weights
     (folder / "adapter_model.safetensors").write_bytes(data)
     return folder
+
+
+def peft_payload_sha256(entries: dict[str, Entry]) -> str:
+    """``vera_payload_sha256`` of a PEFT weights file vera-core wrote: every tensor, no config."""
+    digest = hashlib.sha256()
+    for name in sorted(entries):
+        code, shape, data = entries[name]
+        digest.update(f"{name}\0{code}\0{','.join(map(str, shape))}\0".encode())
+        digest.update(len(data).to_bytes(8, "little") + data)
+    return digest.hexdigest()
+
+
+def peft_weights_with_digest(entries: dict[str, Entry] | None = None) -> bytes:
+    """A PEFT weights file as vera-core writes it: ``format: pt`` and ``vera_payload_sha256``."""
+    entries = peft_tensors() if entries is None else entries
+    return container(entries, {"format": "pt", "vera_payload_sha256": peft_payload_sha256(entries)})

@@ -170,7 +170,7 @@ def _match_layers(model: nn.Module, config: AdapterConfig, source: str) -> dict[
             problems.append(f"{path}: weight layout fan_in_fan_out={fifo}, the adapter says {spec.fan_in_fan_out}")
         targets[path] = module
     if problems:
-        raise AdapterFileError(f"{source} does not fit this model (nothing was changed):\n  " + "\n  ".join(problems))
+        raise AdapterFileError(f"{source} does not fit this model (nothing was changed): " + "; ".join(problems))
     return targets
 
 
