@@ -30,7 +30,9 @@ from vera_core.dvora import (
     dvora_unmerge,
     initial_magnitude,
 )
+from vera_core.errors import AdapterFileError
 from vera_core.linear import linear, linear_input_grad
+from vera_core.loading import VerifiedAdapter, read_adapter
 from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections, kaiming_bound, kaiming_uniform
 from vera_core.vera import (
     VeraGrads,
@@ -50,10 +52,12 @@ __version__ = "0.1.0"
 __all__ = [
     "PRNG_ID",
     "PRNG_VERSION",
+    "AdapterFileError",
     "DvoraFrozen",
     "DvoraGrads",
     "DvoraSaved",
     "VeraGrads",
+    "VerifiedAdapter",
     "__version__",
     "delta_weight",
     "dense_is_cheaper",
@@ -74,6 +78,7 @@ __all__ = [
     "linear",
     "linear_input_grad",
     "merge",
+    "read_adapter",
     "unmerge",
     "vera_backward",
     "vera_backward_dense",

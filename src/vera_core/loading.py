@@ -287,7 +287,7 @@ class VerifiedAdapter:
         if config.max_in is None:  # not counted when the file was read
             needed = _projection_bytes(config.r, width, config.max_out)
             _check_budget(needed, self.max_bytes, f"projections of r={config.r}, max_in={width}")
-        pair = (cache or DEFAULT_CACHE).get(
+        pair = (DEFAULT_CACHE if cache is None else cache).get(
             config.prng_id, config.prng_version, config.seed, config.r, width, config.max_out
         )
         if config.projections_sha256 is not None and pair.sha256 != config.projections_sha256:

@@ -114,7 +114,10 @@ def read_peft_folder(folder: Path, budget: int) -> _Parsed:
             "(save it with PEFT's safe_serialization=True)"
         )
     text = safetensors_file.read_regular_file(
-        config_path, "a JSON adapter config", max_bytes=MAX_CONFIG_BYTES, limit="the limit for a PEFT config"
+        config_path,
+        "a JSON adapter config",
+        max_bytes=MAX_CONFIG_BYTES,
+        limit="the {:,} bytes allowed for a PEFT config",
     )
     peft = parse_peft_config(s.parse_json(bytes(text), CONFIG_NAME))
     contents = safetensors_file.read(weights_path, "a PEFT weights file", max_bytes=max(budget - len(text), 0))

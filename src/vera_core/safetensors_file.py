@@ -81,7 +81,7 @@ def _kind_of(mode: int) -> str:
 
 
 def read_regular_file(
-    path: str | os.PathLike[str], what: str, *, max_bytes: int | None = None, limit: str = "the byte budget"
+    path: str | os.PathLike[str], what: str, *, max_bytes: int | None = None, limit: str = "the limit of {:,}"
 ) -> bytearray:
     """The whole content of a regular file, refusing anything else before reading it.
 
@@ -94,7 +94,7 @@ def read_regular_file(
     max_bytes : int, optional
         Refuse (:class:`AdapterTooLargeError`) a larger file before reading.
     limit : str
-        What ``max_bytes`` is, for the message.
+        What ``max_bytes`` is, for the message (``{:,}`` stands for the number).
 
     Raises
     ------
@@ -128,7 +128,7 @@ def read_regular_file(
         if not stat.S_ISREG(info.st_mode):
             raise NotAnAdapterError(f"{name} is {_kind_of(info.st_mode)}, not {what}")
         if max_bytes is not None and info.st_size > max_bytes:
-            raise AdapterTooLargeError(f"{name} is {info.st_size:,} bytes, over {limit} of {max_bytes:,}")
+            raise AdapterTooLargeError(f"{name} is {info.st_size:,} bytes, over {limit.format(max_bytes)}")
         content = bytearray(info.st_size)
         view, done = memoryview(content), 0
         with os.fdopen(os.dup(fd), "rb", buffering=0) as handle:
@@ -268,7 +268,7 @@ def parse(name: str, content: bytearray) -> Contents:
 
 def read(path: str | os.PathLike[str], what: str, *, max_bytes: int | None = None) -> Contents:
     """:func:`read_regular_file` then :func:`parse`; ``max_bytes`` is the loader's byte budget."""
-    limit = "the byte budget (max_bytes, $VERA_MAX_ADAPTER_BYTES or --max-bytes)"
+    limit = "the byte budget of {:,} (raise it with max_bytes=, $VERA_MAX_ADAPTER_BYTES or --max-bytes)"
     return parse(os.fspath(path), read_regular_file(path, what, max_bytes=max_bytes, limit=limit))
 
 
