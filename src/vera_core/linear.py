@@ -11,6 +11,9 @@ from vera_core._validation import (
     check_same_device,
     check_same_shape,
     namespace,
+    optional_arrays,
+    require_arrays,
+    require_flags,
 )
 
 
@@ -30,6 +33,9 @@ def linear(x: Any, weight: Any, bias: Any = None, *, fan_in_fan_out: bool = Fals
     >>> linear(xp.ones((2, 3)), xp.ones((4, 3)), xp.ones(4)).shape
     (2, 4)
     """
+    require_arrays(x=x, weight=weight)
+    optional_arrays(bias=bias)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     xp = namespace(x, weight, *(() if bias is None else (bias,)))
     _check_floats(xp, {"x": x, "weight": weight, "bias": bias})
     out_features, in_features = lr.weight_shape(weight, fan_in_fan_out)
@@ -49,6 +55,8 @@ def linear_input_grad(grad_y: Any, weight: Any, *, fan_in_fan_out: bool = False)
     >>> linear_input_grad(xp.ones((2, 4)), xp.ones((4, 3))).shape
     (2, 3)
     """
+    require_arrays(grad_y=grad_y, weight=weight)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     xp = namespace(grad_y, weight)
     _check_floats(xp, {"grad_y": grad_y, "weight": weight})
     out_features, _ = lr.weight_shape(weight, fan_in_fan_out)

@@ -200,7 +200,7 @@ def _sniff(head: bytes) -> str:
     if head[:4] == b"PK\x03\x04":
         return "it is a zip archive (PyTorch's torch.save format?); vera-core reads .safetensors files only"
     if head[:1] in (b"{", b"[") or (head and all(32 <= byte < 127 or byte in (9, 10, 13) for byte in head)):
-        preview = head[:24].decode("ascii", "replace")
+        preview = head.split(b"\n")[0][:24].decode("ascii", "replace")
         return f"it starts with text ({s.shown(preview)})"
     return "its first 8 bytes give no header length that fits it"
 
