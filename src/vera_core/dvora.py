@@ -143,11 +143,10 @@ def dvora_precompute(weight: Any, A: Any, rank: int, *, fan_in_fan_out: bool = F
     return DvoraFrozen(_row_sq_norms(xp, W_rows, False), xp.matmul(W_rows, A_s.T), xp.matmul(A_s, A_s.T))
 
 
-def _require_structures(frozen: Any, saved: Any = None) -> None:
+def _require_structures(frozen: Any, *saved: Any) -> None:
     """TypeError unless ``frozen`` is a DvoraFrozen (and ``saved``, when given, a DvoraSaved) of arrays."""
-    for name, value, kind in (("frozen", frozen, DvoraFrozen), ("saved", saved, DvoraSaved)):
-        if value is None and kind is DvoraSaved:
-            continue
+    given = [("frozen", frozen, DvoraFrozen)] + [("saved", value, DvoraSaved) for value in saved]
+    for name, value, kind in given:
         if not isinstance(value, kind):
             raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
         require_arrays(**{f"{name}.{field}": getattr(value, field) for field in kind._fields})

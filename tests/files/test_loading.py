@@ -335,3 +335,17 @@ def test_not_an_adapter_messages(tmp_path: Path) -> None:
     for path, words in cases.items():
         with pytest.raises(NotAnAdapterError, match=words):
             read_adapter(path)
+
+
+def test_the_loading_page_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """docs/loading.md's examples, in order, print what the page says they do."""
+    import re
+
+    page = Path(__file__).resolve().parents[2] / "docs" / "loading.md"
+    script = "\n".join(re.findall(r"```python\n(.*?)```", page.read_text(), flags=re.DOTALL))
+    exec(compile(script, str(page), "exec"), {})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "vera-core 4 ['fc1.lambda_b', 'fc1.lambda_d', 'fc2.lambda_b', 'fc2.lambda_d']"
+    assert lines[1].startswith("(4, 8) (8, 4) ")
+    assert lines[2] == "PayloadMismatchError"
+    assert lines[3] == "1 2"
