@@ -33,18 +33,28 @@ KNOWN = {(PRNG_ID, PRNG_VERSION), (PEFT_PRNG_ID, PEFT_PRNG_VERSION)}
 
 
 def torch_available() -> bool:
-    """Whether PyTorch can be imported (without importing it)."""
-    return importlib.util.find_spec("torch") is not None
+    """Whether PyTorch can be imported (without importing it).
+
+    A folder named ``torch`` on the path (a namespace package, say a project's
+    ``tests/torch``) is not PyTorch.
+    """
+    spec = importlib.util.find_spec("torch")
+    return spec is not None and spec.origin is not None
 
 
 def peft_projections(seed: int, r: int, max_in: int, max_out: int) -> tuple[np.ndarray, np.ndarray]:
     """PEFT's shared matrices, bit for bit, as NumPy float32 arrays (needs PyTorch).
 
+    Raises UnknownGeneratorError where PyTorch is not installed.
+
     Examples
     --------
-    >>> A, B = peft_projections(0, 4, 8, 6)
-    >>> A.shape, B.shape, bool(abs(A).max() <= math.sqrt(6 / 8))
-    ((4, 8), (6, 4), True)
+    >>> try:
+    ...     A, B = peft_projections(0, 4, 8, 6)
+    ...     print(A.shape, B.shape, bool(abs(A).max() <= math.sqrt(6 / 8)))
+    ... except UnknownGeneratorError as error:  # no PyTorch here
+    ...     print((4, 8), (6, 4), "install torch" in str(error))
+    (4, 8) (6, 4) True
     """
     if not torch_available():
         raise UnknownGeneratorError(

@@ -208,7 +208,9 @@ def main(manifest_path: str, loader: str, results_path: str, memory: str) -> Non
     resource.setrlimit(resource.RLIMIT_AS, (int(memory), int(memory)))
     signal.signal(signal.SIGALRM, _alarm)
     manifest = json.loads(Path(manifest_path).read_text())
-    with contextlib.suppress(ImportError):  # imported before the clock starts (PEFT's generator needs it)
+    from vera_core.generators import torch_available
+
+    if torch_available():  # imported before the clock starts (PEFT's generator needs it)
         import torch  # noqa: F401
     import vera_cli.main  # noqa: F401
     import vera_numpy  # noqa: F401

@@ -29,6 +29,8 @@ from typing import Any
 
 import pytest
 
+from vera_core.generators import torch_available
+
 from . import corpus
 
 SECONDS = 10.0
@@ -36,12 +38,7 @@ SECONDS = 10.0
 MEMORY = 3 << 30
 TESTS = Path(__file__).resolve().parents[1]
 
-try:
-    import torch  # noqa: F401
-
-    HAVE_TORCH = True
-except ImportError:
-    HAVE_TORCH = False
+HAVE_TORCH = torch_available()
 
 CLI = ("inspect", "merge", "convert")
 RUN = [loader for loader in corpus.LOADERS if loader != "torch" or HAVE_TORCH]
