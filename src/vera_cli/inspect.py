@@ -9,10 +9,11 @@ from typing import Any
 
 import numpy as np
 
-from vera_cli.adapters import CliError, LoadedAdapter, load_adapter, regenerate, torch_available
-from vera_core.adapter_file import projection_checksum
-from vera_core.peft_format import PEFT_PRNG_ID
-from vera_core.projections import PRNG_ID, PRNG_VERSION
+from vera_cli.common import CliError, add_max_bytes, budget
+from vera_core.errors import ProjectionMismatchError, UnknownGeneratorError
+from vera_core.generators import PEFT_PRNG_ID, peft_projections, torch_available
+from vera_core.loading import FORMAT_OURS, VerifiedAdapter, read_adapter
+from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections
 
 
 @dataclasses.dataclass
@@ -25,53 +26,55 @@ class ProjectionCheck:
     detail: str
 
 
-def _matches(stored: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray]) -> bool:
+def _same(stored: tuple[np.ndarray, np.ndarray], generated: tuple[np.ndarray, np.ndarray]) -> bool:
     return all(np.array_equal(s.astype(g.dtype), g) for s, g in zip(stored, generated, strict=True))
 
 
-def check_projections(adapter: LoadedAdapter) -> ProjectionCheck:
-    """Regenerate the projections from the seed and compare with what the adapter records.
+def _check_regenerated(adapter: VerifiedAdapter) -> ProjectionCheck:
+    if adapter.config.projections_sha256 is None:  # PEFT folders record none
+        return ProjectionCheck(False, None, "not stored and no checksum recorded: regenerated from the seed on load")
+    try:
+        adapter.projections()
+    except ProjectionMismatchError:
+        return ProjectionCheck(False, False, "not stored; regenerated, their checksum does NOT match the recorded one")
+    except UnknownGeneratorError as error:
+        return ProjectionCheck(False, None, f"cannot verify: {error}")
+    return ProjectionCheck(False, True, "not stored; regenerated, their checksum matches the recorded one")
 
-    Stored matrices are compared exactly; otherwise the recorded ``projections_sha256``
-    is compared with the checksum of the regenerated ones. A PEFT folder may store
+
+def check_projections(adapter: VerifiedAdapter) -> ProjectionCheck:
+    """Compare the adapter's projections with what its seed and generator give.
+
+    Stored matrices (whose checksum :func:`~vera_core.loading.read_adapter` already
+    verified) are compared element for element with the regenerated ones; otherwise the
+    recorded ``projections_sha256`` is compared with the regenerated matrices' through
+    :meth:`~vera_core.loading.VerifiedAdapter.projections`. A PEFT folder may store
     vera-core's Threefry matrices (``vera convert`` writes such folders): those are
     recognised too. PEFT's own generator needs PyTorch; without it the result may be
     "cannot verify".
     """
     config, stored = adapter.config, adapter.stored
-    recorded = config.projections_sha256
-    ours = (config.prng_id, config.prng_version) == (PRNG_ID, PRNG_VERSION)
-    if not ours and config.prng_id != PEFT_PRNG_ID:
-        return ProjectionCheck(
-            stored is not None, None, f"cannot verify: unknown generator {config.prng_id} v{config.prng_version}"
-        )
-    if stored is None and recorded is None:
-        return ProjectionCheck(False, None, "not stored and no checksum recorded: regenerated from the seed on load")
-    if config.max_in is None:
-        return ProjectionCheck(stored is not None, None, "cannot verify: the adapter does not record max_in")
     if stored is None:
-        if not ours and not torch_available():
-            return ProjectionCheck(False, None, "cannot verify: torch not installed")
-        same = projection_checksum(*regenerate(config, config.max_in)) == recorded
-        verdict = "matches" if same else "does NOT match"
-        return ProjectionCheck(False, same, f"not stored; regenerated, their checksum {verdict} the recorded one")
-    if recorded is not None and projection_checksum(*stored) != recorded:
-        return ProjectionCheck(True, False, "stored, but their checksum differs from the recorded one")
+        return _check_regenerated(adapter)
+    ours = (config.prng_id, config.prng_version) == (PRNG_ID, PRNG_VERSION)
+    width = stored[0].shape[1]
     dtype = np.float64 if stored[0].dtype == np.float64 else np.float32
-    threefry = dataclasses.replace(config, prng_id=PRNG_ID, prng_version=PRNG_VERSION)
-    if _matches(stored, regenerate(threefry, config.max_in, dtype)):
+    threefry = generate_projections(config.seed, config.r, width, config.max_out, xp=np, dtype=dtype)
+    if _same(stored, threefry):
         origin = "" if ours else " (written by vera-core; PEFT uses the stored matrices)"
         return ProjectionCheck(True, True, f"stored; they are {PRNG_ID} v{PRNG_VERSION}'s for the seed{origin}")
     if ours:
         return ProjectionCheck(True, False, f"stored; they do NOT match {PRNG_ID} v{PRNG_VERSION} for the seed")
+    if config.prng_id != PEFT_PRNG_ID:
+        return ProjectionCheck(True, None, f"stored; cannot verify: unknown generator {config.prng_id}")
     if not torch_available():
         return ProjectionCheck(True, None, "stored; cannot verify: torch not installed")
-    same = _matches(stored, regenerate(config, config.max_in))
+    same = _same(stored, peft_projections(config.seed, config.r, width, config.max_out))
     verdict = "they are" if same else "they do NOT match"
     return ProjectionCheck(True, same, f"stored; {verdict} PEFT's torch generator's for the seed")
 
 
-def describe(adapter: LoadedAdapter) -> dict[str, Any]:
+def describe(adapter: VerifiedAdapter) -> dict[str, Any]:
     """Everything ``vera inspect`` reports, as JSON-able data."""
     config = adapter.config
     check = check_projections(adapter)
@@ -99,7 +102,7 @@ def describe(adapter: LoadedAdapter) -> dict[str, Any]:
         "dropout": config.dropout,
         "bias": config.bias,
         "trainable_parameters": adapter.trainable_parameters,
-        "bytes": adapter.size_bytes(),
+        "bytes": adapter.file_bytes,
         "layers": layers,
         "projections": dataclasses.asdict(check),
     }
@@ -107,7 +110,7 @@ def describe(adapter: LoadedAdapter) -> dict[str, Any]:
 
 def render(report: dict[str, Any]) -> str:
     """The human-readable form of :func:`describe`'s report."""
-    kind = "vera-core adapter file" if report["format"] == "vera-core" else "PEFT VeRA folder"
+    kind = "vera-core adapter file" if report["format"] == FORMAT_OURS else "PEFT VeRA folder"
     proj = report["projections"]
     status = {True: "OK", False: "MISMATCH", None: "unchecked"}[proj["verified"]]
     rows = [
@@ -142,7 +145,7 @@ def render(report: dict[str, Any]) -> str:
 
 def run(args: argparse.Namespace) -> int:
     """Print the report; exit status 1 when the projections do not match the seed."""
-    report = describe(load_adapter(args.path))
+    report = describe(read_adapter(args.path, max_bytes=budget(args)))
     print(json.dumps(report, indent=2) if args.json else render(report))
     if report["projections"]["verified"] is False:
         raise CliError(f"{args.path}: {report['projections']['detail']}")
@@ -159,4 +162,5 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("path", metavar="FILE|DIR", help="a vera-core .safetensors file or a PEFT adapter folder")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    add_max_bytes(parser)
     parser.set_defaults(run=run)

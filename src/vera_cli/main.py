@@ -1,7 +1,10 @@
 """The ``vera`` entry point: argument parsing and error reporting.
 
 Exit status: 0 on success, 2 for usage errors (argparse), 1 for bad files or failed
-operations, reported in one line on stderr without a traceback.
+operations, reported in one line on stderr without a traceback. Every bad input has its
+own message (:class:`~vera_cli.common.CliError`, :class:`~vera_core.errors.AdapterFileError`,
+``OSError``); anything else would be a bug in vera-core, and is still reported in one line
+(saying so) rather than as a traceback.
 """
 
 from __future__ import annotations
@@ -12,9 +15,9 @@ import sys
 from collections.abc import Sequence
 
 from vera_cli import convert, demo, inspect, merge
-from vera_cli.adapters import CliError
+from vera_cli.common import CliError
 from vera_core import __version__
-from vera_core.adapter_file import AdapterFileError
+from vera_core.errors import AdapterFileError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,6 +47,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:  # the reader went away (``vera inspect ... | head``): stop quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except KeyboardInterrupt:
+        print(f"vera {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (CliError, AdapterFileError, OSError) as error:
-        print(f"vera {args.command}: error: {error}", file=sys.stderr)
+        print(f"vera {args.command}: error: {one_line(error)}", file=sys.stderr)
         return 1
+    except Exception as error:  # a bug, not a bad input: still no traceback
+        print(
+            f"vera {args.command}: internal error ({type(error).__name__}: {one_line(error)}); please report it",
+            file=sys.stderr,
+        )
+        return 1
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (line breaks become "; ").
+
+    Examples
+    --------
+    >>> one_line(ValueError("two problems:\\n  a\\n  b"))
+    'two problems:; a; b'
+    """
+    return "; ".join(part.strip() for part in str(error).splitlines() if part.strip()) or type(error).__name__

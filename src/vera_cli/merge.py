@@ -4,20 +4,23 @@ The base file holds ``<layer>.weight`` (and ``<layer>.bias``) tensors. An adapte
 ``L`` matches the base layer ``L``, or the one base layer whose name ends in ``"." + L``
 or that ``L`` ends in (PEFT module paths carry prefixes such as ``model.``). VeRA layers
 become ``W0 + dW``; DVoRA layers ``m * (W0 + dW) / ||W0 + dW||``. The output keeps every
-other tensor and the base file's metadata, and is written atomically.
+other tensor and the base file's metadata, and is written atomically; it may not
+replace the base or adapter file unless ``--force`` is given.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from vera_cli.adapters import CliError, LoadedAdapter, load_adapter, projections
-from vera_core.adapter_file import write_atomically
+from vera_cli.common import CliError, add_max_bytes, budget
+from vera_core import safetensors_file
 from vera_core.dvora import dvora_merge
+from vera_core.loading import VerifiedAdapter, read_adapter
 from vera_core.vera import merge as vera_merge
 
 _WEIGHT = ".weight"
@@ -25,26 +28,21 @@ _BIAS = ".bias"
 
 
 def load_base(path: str | Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """The tensors and metadata of a safetensors file of base weights.
+    """The tensors (read-only NumPy arrays) and metadata of a safetensors file of base weights.
 
     Raises
     ------
+    AdapterFileError
+        Missing, not a regular file, or not a valid safetensors file.
     CliError
-        Missing, unreadable, or holding dtypes NumPy cannot represent (bfloat16).
+        Holding dtypes NumPy cannot represent (bfloat16, float8).
     """
-    from safetensors import safe_open
-    from safetensors.numpy import load_file
-
-    source = Path(path)
-    if not source.is_file():
-        raise CliError(f"{source}: no such file")
-    try:
-        with safe_open(str(source), framework="numpy") as handle:
-            metadata = dict(handle.metadata() or {})
-        return load_file(str(source)), metadata
-    except Exception as error:  # safetensors raises its own error types for corrupt files and bfloat16
-        hint = "; bfloat16 weights cannot be merged with NumPy" if "bf16" in str(error).lower() else ""
-        raise CliError(f"{source}: not a readable safetensors file ({error}){hint}") from error
+    contents = safetensors_file.read(path, "a safetensors file of base weights")
+    foreign = sorted(key for key, entry in contents.entries.items() if entry.dtype in ("BF16", "F8_E4M3", "F8_E5M2"))
+    if foreign:
+        code = contents.entries[foreign[0]].dtype
+        raise CliError(f"{path}: {foreign[0]} is {code}; {code} weights cannot be merged with NumPy")
+    return {key: contents.raw(key) for key in contents.entries}, contents.metadata
 
 
 def match_layers(layer_names: list[str], base_keys: list[str], *, suffix: str = _WEIGHT) -> dict[str, str]:
@@ -88,21 +86,14 @@ def match_layers(layer_names: list[str], base_keys: list[str], *, suffix: str = 
     return found
 
 
-def _check_finite(adapter: LoadedAdapter) -> None:
-    bad = sorted(name for name, value in adapter.vectors.items() if not np.all(np.isfinite(value)))
-    if bad:
-        raise CliError(f"{adapter.path}: NaN or infinity in {', '.join(bad)}; refusing to merge")
-
-
-def merge_weights(base: dict[str, np.ndarray], adapter: LoadedAdapter) -> dict[str, np.ndarray]:
+def merge_weights(base: dict[str, np.ndarray], adapter: VerifiedAdapter) -> dict[str, np.ndarray]:
     """A copy of ``base`` with the adapter folded into its matching layers.
 
     Raises
     ------
     CliError
-        Unmatched layers, shapes that disagree, non-finite inputs or results.
+        Unmatched layers, shapes that disagree, non-finite results.
     """
-    _check_finite(adapter)
     config = adapter.config
     mapping = match_layers(list(config.layers), list(base))
     sizes = {}
@@ -126,7 +117,7 @@ def merge_weights(base: dict[str, np.ndarray], adapter: LoadedAdapter) -> dict[s
                 f"{target}{_BIAS} has shape {base[target + _BIAS].shape} but the adapter trained a bias of "
                 f"{config.bias_modules[name]} for {name}"
             )
-    A, B = projections(adapter, max_in=max(sizes.values()))
+    A, B = adapter.projections(max_in=max(sizes.values()))
     merged = dict(base)
     for name, target in bias_targets.items():
         merged[target + _BIAS] = adapter.vectors[f"{name}{_BIAS}"].astype(base[target + _BIAS].dtype)
@@ -134,8 +125,6 @@ def merge_weights(base: dict[str, np.ndarray], adapter: LoadedAdapter) -> dict[s
         spec = config.layers[name]
         d, b = adapter.vectors[f"{name}.lambda_d"], adapter.vectors[f"{name}.lambda_b"]
         weight = base[target + _WEIGHT]
-        if sizes[name] > A.shape[1]:
-            raise CliError(f"layer {name} has {sizes[name]} inputs but the projections have max_in={A.shape[1]}")
         transposed = spec.fan_in_fan_out
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is then refused by safe=True
@@ -156,15 +145,23 @@ def merge_weights(base: dict[str, np.ndarray], adapter: LoadedAdapter) -> dict[s
     return merged
 
 
+def _same_file(first: str, second: str) -> bool:
+    try:
+        return os.path.samefile(first, second)
+    except OSError:  # one is missing (or a symbolic link loop): compare the names
+        return os.path.realpath(first) == os.path.realpath(second)
+
+
 def run(args: argparse.Namespace) -> int:
     """Merge, then write the output atomically."""
-    from safetensors.numpy import save_file
-
+    for role in ("base", "adapter"):
+        if _same_file(args.output, getattr(args, role)) and not args.force:
+            raise CliError(f"-o {args.output} is the --{role} file; give another output, or --force to replace it")
+    max_bytes = budget(args)
     base, metadata = load_base(args.base)
-    adapter = load_adapter(args.adapter)
+    adapter = read_adapter(args.adapter, max_bytes=max_bytes)
     merged = merge_weights(base, adapter)
-    tensors = {name: np.ascontiguousarray(value) for name, value in merged.items()}
-    write_atomically(args.output, lambda tmp: save_file(tensors, tmp, metadata=metadata or None))
+    safetensors_file.write(args.output, merged, metadata or None)
     print(
         f"merged {len(adapter.config.layers)} {adapter.config.method} layers of {args.adapter} "
         f"into {args.base} -> {args.output}"
@@ -184,4 +181,6 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--base", required=True, metavar="MODEL.safetensors", help="the base weights")
     parser.add_argument("--adapter", required=True, metavar="ADAPTER", help="adapter file or PEFT folder")
     parser.add_argument("-o", "--output", required=True, metavar="OUT.safetensors", help="where to write")
+    parser.add_argument("--force", action="store_true", help="allow -o to replace the --base or --adapter file")
+    add_max_bytes(parser)
     parser.set_defaults(run=run)

@@ -33,7 +33,9 @@ from vera_core.dvora import (
     dvora_unmerge,
     initial_magnitude,
 )
+from vera_core.errors import AdapterFileError
 from vera_core.linear import linear, linear_input_grad
+from vera_core.loading import VerifiedAdapter, read_adapter
 from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections, kaiming_bound, kaiming_uniform
 from vera_core.segments import segment_sum, take_rows
 from vera_core.vera import (
@@ -58,11 +60,13 @@ __all__ = [
     "DENSE_MIN_SAVING",
     "PRNG_ID",
     "PRNG_VERSION",
+    "AdapterFileError",
     "DvoraFrozen",
     "DvoraGrads",
     "DvoraRowsGrads",
     "DvoraSaved",
     "VeraGrads",
+    "VerifiedAdapter",
     "__version__",
     "delta_weight",
     "dense_is_cheaper",
@@ -87,6 +91,7 @@ __all__ = [
     "merge",
     "segment_sum",
     "take_rows",
+    "read_adapter",
     "unmerge",
     "vera_backward",
     "vera_backward_dense",

@@ -5,8 +5,38 @@ from __future__ import annotations
 import sys
 from typing import Any, NamedTuple
 
-from array_api_compat import array_namespace, is_torch_array
+from array_api_compat import array_namespace, is_array_api_obj, is_torch_array
 from array_api_compat import device as device_of
+
+_ARRAY_TYPES: set[type] = set()
+"""Types already seen to be arrays (the common case costs one set lookup)."""
+
+
+def require_arrays(**named: Any) -> None:
+    """TypeError naming the first argument that is not an array (before any attribute is read)."""
+    for name, value in named.items():
+        if type(value) not in _ARRAY_TYPES:
+            if not is_array_api_obj(value):
+                raise TypeError(f"{name} must be an array, got {type(value).__name__}: {_shown(value)}")
+            _ARRAY_TYPES.add(type(value))
+
+
+def optional_arrays(**named: Any) -> None:
+    """:func:`require_arrays` for arguments that may also be None."""
+    require_arrays(**{name: value for name, value in named.items() if value is not None})
+
+
+def require_flags(**named: Any) -> None:
+    """TypeError unless each argument is True or False (an array's truth value is not a flag)."""
+    for name, value in named.items():
+        if value is not True and value is not False:
+            raise TypeError(f"{name} must be True or False, got {type(value).__name__}: {_shown(value)}")
+
+
+def check_namespace(xp: Any) -> None:
+    """TypeError unless ``xp`` looks like an Array API namespace."""
+    if not all(hasattr(xp, name) for name in ("asarray", "astype", "float32", "isdtype")):
+        raise TypeError(f"xp must be an Array API namespace, got {type(xp).__name__}: {_shown(xp)}")
 
 
 def check_positive_int(name: str, value: Any) -> None:
@@ -29,16 +59,28 @@ def _torch_compiling(array: Any) -> bool:
 def namespace(*arrays: Any) -> Any:
     """``array_namespace(*arrays)``, remembered per combination of array types.
 
-    A mix of libraries raises array-api-compat's TypeError every time (nothing is
-    remembered for it); under ``torch.compile`` nothing is remembered either.
+    Anything that is not an array, or a mix of libraries, raises TypeError every time
+    (nothing is remembered for it); under ``torch.compile`` nothing is remembered either.
     """
     if _torch_compiling(arrays[0]):
         return array_namespace(*arrays)
     types = frozenset(map(type, arrays))
     xp = _NAMESPACES.get(types)
     if xp is None:
-        xp = _NAMESPACES[types] = array_namespace(*arrays)
+        for array in arrays:
+            if not is_array_api_obj(array):
+                raise TypeError(f"expected arrays, got {type(array).__name__}: {_shown(array)}")
+        try:
+            xp = array_namespace(*arrays)
+        except TypeError as error:
+            raise TypeError(f"the arrays must come from one Array API library: {error}") from None
+        _NAMESPACES[types] = xp
     return xp
+
+
+def _shown(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def is_real_float(xp: Any, dtype: Any) -> bool:

@@ -28,6 +28,9 @@ from vera_core._validation import (
     check_same_shape,
     check_vector_dtype,
     namespace,
+    optional_arrays,
+    require_arrays,
+    require_flags,
 )
 from vera_core.segments import segment_sum, take_rows
 
@@ -90,9 +93,13 @@ def initial_magnitude(weight: Any, *, fan_in_fan_out: bool = False, dtype: Any =
     >>> initial_magnitude(xp.asarray([[3.0, 4.0], [0.0, 1.0]], dtype=xp.float32))
     array([5., 1.], dtype=float32)
     """
+    require_arrays(weight=weight)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     xp = namespace(weight)
     lr.weight_shape(weight, fan_in_fan_out)
     check_real_float_dtype(xp, weight.dtype, "weight")
+    if dtype is not None:
+        check_real_float_dtype(xp, dtype, "dtype")
     work = lr.wider(xp, weight.dtype) if dtype is None else dtype
     return xp.sqrt(_row_sq_norms(xp, lr.cast(xp, weight, work), fan_in_fan_out))
 
@@ -120,6 +127,8 @@ def dvora_precompute(weight: Any, A: Any, rank: int, *, fan_in_fan_out: bool = F
     >>> frozen.weight_proj.shape, frozen.gram.shape
     ((6, 4), (4, 4))
     """
+    require_arrays(weight=weight, A=A)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     check_positive_int("rank", rank)
     xp = namespace(weight, A)
     check_real_float_dtype(xp, weight.dtype, "weight")
@@ -135,7 +144,19 @@ def dvora_precompute(weight: Any, A: Any, rank: int, *, fan_in_fan_out: bool = F
     return DvoraFrozen(_row_sq_norms(xp, W_rows, False), xp.matmul(W_rows, A_s.T), xp.matmul(A_s, A_s.T))
 
 
+def _require_structures(frozen: Any, *saved: Any) -> None:
+    """TypeError unless ``frozen`` is a DvoraFrozen (and ``saved``, when given, a DvoraSaved) of arrays."""
+    given = [("frozen", frozen, DvoraFrozen)] + [("saved", value, DvoraSaved) for value in saved]
+    for name, value, kind in given:
+        if not isinstance(value, kind):
+            raise TypeError(f"{name} must be a {kind.__name__}, got {type(value).__name__}")
+        require_arrays(**{f"{name}.{field}": getattr(value, field) for field in kind._fields})
+
+
 def _check_frozen(frozen: DvoraFrozen, out_features: int, rank: int) -> None:
+    xp = namespace(*frozen)
+    for field in DvoraFrozen._fields:
+        check_real_float_dtype(xp, getattr(frozen, field).dtype, f"frozen.{field}")
     check_same_shape("frozen.weight_sq_norm", frozen.weight_sq_norm, (out_features,), "(out,)")
     check_same_shape("frozen.weight_proj", frozen.weight_proj, (out_features, rank), "(out, rank)")
     check_same_shape("frozen.gram", frozen.gram, (rank, rank), "(rank, rank)")
@@ -170,8 +191,15 @@ def dvora_norm(frozen: DvoraFrozen, B: Any, lambda_d: Any, lambda_b: Any) -> Any
     >>> bool(xp.all(xp.abs(n - initial_magnitude(W)) < 1e-6))
     True
     """
+    _require_structures(frozen)
+    require_arrays(B=B, lambda_d=lambda_d, lambda_b=lambda_b)
     xp = namespace(frozen.gram, B, lambda_d, lambda_b)
+    check_ndim("lambda_d", lambda_d, 1, "a vector of length rank")
+    check_ndim("lambda_b", lambda_b, 1, "a vector of length out_features")
+    check_ndim("B", B, 2, "the shared matrix B (max_out x rank)")
     rank, out_features = lambda_d.shape[0], lambda_b.shape[0]
+    if rank > B.shape[1] or out_features > B.shape[0]:
+        raise ValueError(f"the layer needs B[:{out_features}, :{rank}] but the shared B has shape {tuple(B.shape)}")
     _check_frozen(frozen, out_features, rank)
     C = lr.fold(xp, B[:out_features, :rank], lambda_d, lambda_b)
     return _gram_norm(xp, frozen, C)
@@ -237,6 +265,8 @@ def dense_norm(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, *, fan
 
 def _direction(weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, fan_in_fan_out: bool) -> tuple[Any, Any, Any]:
     """``(V, n, xp)``: ``V = W0 + dW`` in the working dtype, its row norms."""
+    require_arrays(weight=weight, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out)
     A_s, B_s = lr.layer_slices(A, B, shape)
     V = lr.shifted_weight(xp, weight, lr.fold(xp, B_s, lambda_d, lambda_b), A_s, fan_in_fan_out)
@@ -310,6 +340,9 @@ def dvora_forward(
     >>> bool(xp.all(xp.abs(y - linear(x, W)) < 1e-5))
     True
     """
+    require_arrays(x=x, base=base, A=A, B=B, magnitude=magnitude, lambda_d=lambda_d, lambda_b=lambda_b)
+    optional_arrays(bias=bias, dropout_mask=dropout_mask)
+    _require_structures(frozen)
     xp, shape = check_adapter(
         A,
         B,
@@ -370,6 +403,8 @@ def dvora_rows_output(z: Any, magnitude_rows: Any, norm_rows: Any, *, bias: Any 
     >>> float(y[0, 0, 0]), float(y[1, 0, 0])
     (1.0, 1.5)
     """
+    require_arrays(z=z, magnitude_rows=magnitude_rows, norm_rows=norm_rows)
+    optional_arrays(bias=bias)
     xp = namespace(*(a for a in (z, magnitude_rows, norm_rows, bias) if a is not None))
     if z.ndim < 2:
         raise ValueError(f"z must have shape (batch, ..., out), got {tuple(z.shape)}")
@@ -588,6 +623,8 @@ def dvora_backward(
     >>> g.magnitude.shape, g.lambda_b.shape, g.base.shape
     ((6,), (6,), (3, 6))
     """
+    if check is True:
+        require_flags(input_grad=input_grad, base_grad=base_grad)
     xp, A_s, C, grads, scale = _shared_backward(
         grad_y,
         saved,
@@ -632,6 +669,12 @@ def _shared_backward(
     ``grads`` holds the gradients of ``m``, the vectors and the bias (``x`` and ``base``
     None) and ``s = m / n``.
     """
+    require_flags(check=check)
+    if check:
+        _require_structures(frozen, saved)
+        require_arrays(grad_y=grad_y, A=A, B=B, magnitude=magnitude, lambda_d=lambda_d, lambda_b=lambda_b)
+        optional_arrays(dropout_mask=dropout_mask, weight=weight)
+        require_flags(detach_norm=detach_norm, has_bias=has_bias, fan_in_fan_out=fan_in_fan_out)
     u, z, norm = saved
     xp, shape = lr.backward_arguments(
         grad_y,
@@ -720,6 +763,8 @@ def dvora_merge(
     >>> bool(xp.all(xp.abs(merged - W) < 1e-6))
     True
     """
+    require_arrays(magnitude=magnitude)
+    require_flags(safe=safe)
     V, n, xp = _direction(weight, A, B, lambda_d, lambda_b, fan_in_fan_out)
     out_features, _ = lr.weight_shape(weight, fan_in_fan_out)
     _check_magnitude(magnitude, lambda_d, out_features)
@@ -785,6 +830,8 @@ def dvora_unmerge(
     >>> bool(xp.all(xp.abs(dvora_unmerge(merged, n, A, B, m, d, b) - W) < 1e-5))
     True
     """
+    require_arrays(weight=weight, norm=norm, A=A, B=B, magnitude=magnitude, lambda_d=lambda_d, lambda_b=lambda_b)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out, extra={"norm": norm})
     _check_magnitude(magnitude, lambda_d, shape.out_features)
     check_same_shape("norm", norm, (shape.out_features,), "lambda_b")
@@ -831,6 +878,10 @@ def dvora_forward_dense(
     >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
     True
     """
+    require_arrays(x=x, weight=weight, A=A, B=B, magnitude=magnitude, lambda_d=lambda_d, lambda_b=lambda_b)
+    optional_arrays(bias=bias)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
+    _require_structures(frozen)
     xp, shape = lr.check_on_weight(
         A,
         B,
@@ -890,6 +941,9 @@ def dvora_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - whole)) < 1e-12), dense.base is None
     (True, True)
     """
+    if check is True:
+        require_arrays(weight=weight)
+        require_flags(fan_in_fan_out=fan_in_fan_out, input_grad=input_grad)
     xp, A_s, C, grads, scale = _shared_backward(
         grad_y,
         saved,

@@ -25,7 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from vera_core._validation import check_positive_int, check_real_float_dtype
+from vera_core._validation import check_namespace, check_positive_int, check_real_float_dtype
 from vera_core._words import MASK32, WordOps
 from vera_core.threefry import threefry2x32
 
@@ -136,8 +136,11 @@ def kaiming_uniform(
     ((2, 3), True)
     """
     _check_seed(seed)
-    if matrix not in (MATRIX_A, MATRIX_B):
+    check_namespace(xp)
+    if not isinstance(matrix, int) or isinstance(matrix, bool) or matrix not in (MATRIX_A, MATRIX_B):
         raise ValueError(f"matrix must be MATRIX_A (0) or MATRIX_B (1), got {matrix!r}")
+    if not isinstance(shape, tuple | list) or len(shape) != 2:
+        raise TypeError(f"shape must be a pair (rows, columns), got {shape!r}")
     rows, cols = shape
     for name, size in (("rows", rows), ("columns", cols)):
         check_positive_int(name, size)
@@ -148,7 +151,11 @@ def kaiming_uniform(
     float64 = dtype == xp.float64
     draw_dtype = xp.float64 if float64 else xp.float32
     bits = 53 if float64 else 24
-    bound = xp.asarray(kaiming_bound(fan_in), dtype=draw_dtype, device=device)
+    bound_value = kaiming_bound(fan_in)
+    try:
+        bound = xp.asarray(bound_value, dtype=draw_dtype, device=device)
+    except (TypeError, ValueError) as error:  # the namespace's own words for a device it does not know
+        raise ValueError(f"device {device!r} is not a device of this namespace: {error}") from None
     step = bound * float(2.0 ** (1 - bits))  # exact: a power-of-two scaling
 
     ops = WordOps(xp, device)
@@ -205,6 +212,7 @@ def generate_projections(
     >>> A.shape, B.shape
     ((4, 8), (6, 4))
     """
+    check_namespace(xp)
     check_positive_int("r", r)
     check_positive_int("max_in", max_in)
     check_positive_int("max_out", max_out)

@@ -28,6 +28,9 @@ from vera_core._validation import (
     check_positive_int,
     check_same_shape,
     namespace,
+    optional_arrays,
+    require_arrays,
+    require_flags,
 )
 
 
@@ -92,6 +95,8 @@ def vera_forward(
     >>> y.shape, u.shape, bool(xp.all(y == 0))
     ((2, 6), (2, 4), True)
     """
+    require_arrays(x=x, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+    optional_arrays(base=base, dropout_mask=dropout_mask)
     xp, shape = check_adapter(
         A,
         B,
@@ -166,6 +171,11 @@ def vera_backward(
     >>> g.x.shape, g.lambda_d.shape, g.lambda_b.shape
     ((2, 8), (4,), (6,))
     """
+    require_flags(check=check)
+    if check:
+        require_arrays(grad_y=grad_y, u=u, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+        optional_arrays(dropout_mask=dropout_mask)
+        require_flags(input_grad=input_grad)
     xp, shape = lr.backward_arguments(
         grad_y, u, A, B, lambda_d, lambda_b, in_features, check=check, extra={"dropout_mask": dropout_mask}
     )
@@ -200,6 +210,8 @@ def delta_weight(
     >>> delta_weight(A, B, xp.full(4, 0.1), xp.ones(6), 5).shape
     (6, 5)
     """
+    require_arrays(A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     check_positive_int("in_features", in_features)
     xp, shape = check_adapter(A, B, lambda_d, lambda_b, in_features)
     A_s, B_s = lr.layer_slices(A, B, shape)
@@ -209,6 +221,8 @@ def delta_weight(
 def _shift_weight(
     weight: Any, A: Any, B: Any, lambda_d: Any, lambda_b: Any, subtract: bool, fan_in_fan_out: bool, safe: bool
 ) -> Any:
+    require_arrays(weight=weight, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+    require_flags(fan_in_fan_out=fan_in_fan_out, safe=safe)
     xp, shape = lr.check_on_weight(A, B, lambda_d, lambda_b, weight, fan_in_fan_out)
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
@@ -303,6 +317,12 @@ def dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int
     >>> dense_is_cheaper(64, 32, 32, 8)  # fewer multiply-adds, but too few to matter
     False
     """
+    require_flags(backward=backward)
+    check_positive_int("in_features", in_features)
+    check_positive_int("out_features", out_features)
+    check_positive_int("rank", rank)
+    if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
+        raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
     passes = 2 if backward else 1
     factored = tokens * rank * ((2 * in_features + 3 * out_features) if backward else (in_features + out_features))
     dense = passes * out_features * rank * in_features + tokens * rank * (
@@ -348,6 +368,9 @@ def vera_forward_dense(
     >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
     True
     """
+    require_arrays(x=x, weight=weight, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+    optional_arrays(bias=bias)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
     xp, shape = lr.check_on_weight(
         A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=x.dtype, extra={"x": x, "bias": bias}
     )
@@ -390,6 +413,10 @@ def vera_backward_dense(
     >>> bool(xp.max(xp.abs(dense.x - (factored.x + linear_input_grad(g, W)))) < 1e-12)
     True
     """
+    require_flags(check=check)
+    if check:
+        require_arrays(grad_y=grad_y, u=u, weight=weight, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+        require_flags(fan_in_fan_out=fan_in_fan_out, input_grad=input_grad)
     in_features = lr.weight_shape(weight, fan_in_fan_out)[1]
     xp, shape = lr.backward_arguments(
         grad_y, u, A, B, lambda_d, lambda_b, in_features, check=check, weight=weight, fan_in_fan_out=fan_in_fan_out
@@ -414,6 +441,8 @@ def _first_row(rows: Any) -> Any:
 
 def _check_rows(name: str, x: Any, lambda_d_rows: Any, lambda_b_rows: Any, extra: dict[str, Any]) -> dict[str, Any]:
     """The row checks of the mixed-adapter functions (``x``: the input, or ``grad_y``); the arrays by name."""
+    require_arrays(**{name: x, "lambda_d_rows": lambda_d_rows, "lambda_b_rows": lambda_b_rows})
+    optional_arrays(**extra)
     if x.ndim < 2:
         last = "in" if name == "x" else "out"
         raise ValueError(f"{name} must have shape (batch, ..., {last}), got {tuple(x.shape)}")

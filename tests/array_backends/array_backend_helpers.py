@@ -73,3 +73,11 @@ def train_a_little(xp: Any, model: Any, seed: int = 1) -> None:
     model.load_parameters(
         {name: from_numpy(xp, rng.uniform(0.5, 1.5, p.shape)) for name, p in model.parameters().items()}
     )
+
+
+def read_tensors(path: Any) -> tuple[Any, dict[str, Any]]:
+    """The config and every tensor (projections included when stored) of a verified adapter file."""
+    from vera_core.loading import read_adapter
+
+    adapter = read_adapter(path)
+    return adapter.config, adapter.tensors()

@@ -16,13 +16,13 @@ from vera_core.adapter_file import (
     AdapterConfig,
     AdapterFileError,
     LayerSpec,
-    load_adapter_file,
     projection_checksum,
     save_adapter_file,
 )
+from vera_core.errors import NotAnAdapterError, ProjectionMismatchError, UnknownGeneratorError
 from vera_numpy import AdaptedModel, ReLU, Sequential, add_vera
 
-from .array_backend_helpers import from_numpy, to_numpy, train_a_little, weight_dict
+from .array_backend_helpers import from_numpy, read_tensors, to_numpy, train_a_little, weight_dict
 
 TARGETS = ["enc.0.fc", "enc.1.fc"]
 
@@ -61,7 +61,7 @@ def test_file_contents(tmp_path: Path) -> None:
 
     model = add_vera(weight_dict(xp), TARGETS, r=4, seed=9, dvora=True, detach_norm=True)
     model.save(tmp_path / "a.safetensors")
-    config, tensors = load_adapter_file(tmp_path / "a.safetensors")
+    config, tensors = read_tensors(tmp_path / "a.safetensors")
     assert config.method == "dvora"
     assert config.extra == {"framework": "numpy", "detach_norm": True}
     assert AdaptedModel.load(tmp_path / "a.safetensors", weight_dict(xp)).layer("enc.0.fc").detach_norm
@@ -79,7 +79,7 @@ def test_file_moves_between_namespaces(tmp_path: Path) -> None:
     strict_model = add_vera(float32_weights(strict_xp), TARGETS, r=4, seed=1)
     train_a_little(strict_xp, strict_model)
     strict_model.save(tmp_path / "a.safetensors", save_projections=True)
-    assert PROJECTION_KEYS[0] in load_adapter_file(tmp_path / "a.safetensors")[1]
+    assert PROJECTION_KEYS[0] in read_tensors(tmp_path / "a.safetensors")[1]
     numpy_model = AdaptedModel.load(tmp_path / "a.safetensors", float32_weights(np_xp))
     for name, value in outputs(strict_xp, strict_model).items():
         np.testing.assert_array_equal(outputs(np_xp, numpy_model)[name], value)
@@ -87,7 +87,7 @@ def test_file_moves_between_namespaces(tmp_path: Path) -> None:
 
 def rewrite(path: Path, target: Path, **changes: Any) -> None:
     """Copy an adapter file with its config changed (bypassing the writer's checksum)."""
-    config, tensors = load_adapter_file(path)
+    config, tensors = read_tensors(path)
     save_adapter_file(target, dataclasses.replace(config, **changes), tensors)
 
 
@@ -95,10 +95,13 @@ def test_load_errors(xp: Any, tmp_path: Path) -> None:
     weights = weight_dict(xp)
     add_vera(weights, TARGETS, r=4, seed=2).save(tmp_path / "a.safetensors")
     rewrite(tmp_path / "a.safetensors", tmp_path / "bad_sum.safetensors", projections_sha256="0" * 64)
-    with pytest.raises(AdapterFileError, match="SHA-256 does not match"):
+    with pytest.raises(ProjectionMismatchError, match="do not match its projections_sha256"):
         AdaptedModel.load(tmp_path / "bad_sum.safetensors", weights)
-    rewrite(tmp_path / "a.safetensors", tmp_path / "foreign.safetensors", prng_id="torch-mt19937-peft")
-    with pytest.raises(AdapterFileError, match="stores no projections"):
+    rewrite(tmp_path / "a.safetensors", tmp_path / "peft.safetensors", prng_id="torch-mt19937-peft")
+    with pytest.raises(ProjectionMismatchError, match="torch-mt19937-peft v1 do not match"):
+        AdaptedModel.load(tmp_path / "peft.safetensors", weights)
+    rewrite(tmp_path / "a.safetensors", tmp_path / "foreign.safetensors", prng_id="my-rng")
+    with pytest.raises(UnknownGeneratorError, match="'my-rng' version 1, which this vera-core cannot regenerate"):
         AdaptedModel.load(tmp_path / "foreign.safetensors", weights)
     with pytest.raises(AdapterFileError, match=r"targets layer 'enc.1.fc', which the weights lack"):
         AdaptedModel.load(tmp_path / "a.safetensors", {k: v for k, v in weights.items() if "enc.1" not in k})
@@ -106,7 +109,7 @@ def test_load_errors(xp: Any, tmp_path: Path) -> None:
     with pytest.raises(AdapterFileError, match=r"expects \(out, in\) = \(7, 5\) but the weight gives \(6, 5\)"):
         AdaptedModel.load(tmp_path / "a.safetensors", resized)
     save_adapter_file_plain(tmp_path / "plain.safetensors")
-    with pytest.raises(AdapterFileError, match="not a vera-core adapter"):
+    with pytest.raises(NotAnAdapterError, match="not a vera-core adapter"):
         AdaptedModel.load(tmp_path / "plain.safetensors", weights)
 
 
@@ -121,7 +124,8 @@ def torch_outputs(path: Path, host_weights: dict[str, np.ndarray], inputs: dict[
     import array_api_compat.torch as txp
     import torch
 
-    config, tensors = load_adapter_file(path, framework="torch")
+    config, host = read_tensors(path)
+    tensors = {name: torch.from_numpy(np.array(value)) for name, value in host.items()}
     A, B = vc.generate_projections(config.seed, config.r, config.max_in, config.max_out, xp=txp)
     assert projection_checksum(A.numpy(), B.numpy()) == config.projections_sha256
     result = {}
@@ -174,7 +178,7 @@ def test_torch_adapter_gives_the_same_outputs_in_numpy(tmp_path: Path, dvora: bo
             tensors[f"{name}.magnitude"] = torch.rand(spec.out_features, generator=generator) + 0.5
     A, B = vc.generate_projections(33, 4, 7, 7, xp=np)
     config = dataclasses.replace(config, projections_sha256=projection_checksum(A, B))
-    save_adapter_file(tmp_path / "t.safetensors", config, tensors, framework="torch")
+    save_adapter_file(tmp_path / "t.safetensors", config, {name: value.numpy() for name, value in tensors.items()})
     rng = np.random.default_rng(1)
     inputs = {name: rng.standard_normal((3, spec.in_features)).astype(np.float32) for name, spec in specs.items()}
     expected = torch_outputs(tmp_path / "t.safetensors", weights, inputs)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from vera_core import generate_projections, initial_magnitude
@@ -49,3 +51,11 @@ def make_adapter(
         projections_sha256=projection_checksum(A, B),
     )
     return config, tensors
+
+
+def read_tensors(path: Any) -> tuple[Any, dict[str, Any]]:
+    """The config and every tensor (projections included when stored) of a verified adapter file."""
+    from vera_core.loading import read_adapter
+
+    adapter = read_adapter(path)
+    return adapter.config, adapter.tensors()

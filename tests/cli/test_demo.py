@@ -13,7 +13,8 @@ import pytest
 from vera_cli.demo.plot import accuracy_range, plot
 from vera_cli.demo.report import Result
 from vera_cli.main import main
-from vera_core.adapter_file import load_adapter_file
+
+from .cli_helpers import read_tensors
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -46,7 +47,7 @@ def test_quick_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert results["lora"]["trainable_parameters"] < results["full"]["trainable_parameters"]
     assert f"{vera['trainable_parameters']:,}" in printed
 
-    config, tensors = load_adapter_file(out / "vera.safetensors")
+    config, tensors = read_tensors(out / "vera.safetensors")
     assert config.method == "vera" and sorted(config.layers) == ["fc1", "fc2", "head"]
     assert sum(v.size for v in tensors.values()) == vera["trainable_parameters"]
     assert main(["inspect", str(out / "vera.safetensors")]) == 0
@@ -97,7 +98,7 @@ def test_quick_demo_on_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str])
     capsys.readouterr()
     results = {r["method"]: r for r in json.loads((out / "results.json").read_text())["results"]}
     assert results["vera"]["accuracy_after"] > results["vera"]["accuracy_before"]
-    config, _ = load_adapter_file(out / "vera.safetensors")
+    config, _ = read_tensors(out / "vera.safetensors")
     assert sorted(config.layers) == ["fc1", "fc2", "head"]
     assert main(["inspect", str(out / "vera.safetensors")]) == 0
     assert "[OK]" in capsys.readouterr().out

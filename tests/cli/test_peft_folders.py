@@ -11,9 +11,8 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from vera_cli.main import main
-from vera_core.adapter_file import load_adapter_file
 
-from .cli_helpers import LAYERS
+from .cli_helpers import LAYERS, read_tensors
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -97,7 +96,7 @@ def test_convert_peft_without_projections_needs_max_in(tmp_path: Path, capsys: p
     assert main(["convert", str(folder), str(out)]) == 1
     assert "max_in" in capsys.readouterr().err and not out.exists()
     assert main(["convert", str(folder), str(out), "--max-in", "16"]) == 0
-    config, tensors = load_adapter_file(out)
+    config, tensors = read_tensors(out)
     assert config.prng_id == "torch-mt19937-peft" and tensors["projections.A"].shape == (8, 16)
     np.testing.assert_array_equal(tensors["projections.A"], model.base_model.vera_A["default"].numpy())
     assert main(["inspect", str(out)]) == 0
@@ -128,15 +127,17 @@ def test_peft_loads_our_export(files: dict[str, Path], tmp_path: Path, capsys: p
 def test_without_torch_is_said_clearly(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import vera_cli.adapters
     import vera_cli.inspect
+    import vera_core.generators
+    import vera_core.loading
 
     stored, bare = tmp_path / "stored", tmp_path / "bare"
     peft_model(save_projection=True).save_pretrained(stored)
     model = peft_model(save_projection=False)
     model.save_pretrained(bare)
     base = base_file(model, tmp_path / "base.safetensors")
-    monkeypatch.setattr(vera_cli.adapters, "torch_available", lambda: False)
+    monkeypatch.setattr(vera_core.generators, "torch_available", lambda: False)
+    vera_core.loading.DEFAULT_CACHE.clear()  # PEFT's matrices drawn by earlier tests must not be reused
     monkeypatch.setattr(vera_cli.inspect, "torch_available", lambda: False)
 
     assert main(["inspect", str(stored), "--json"]) == 0

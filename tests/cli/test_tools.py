@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -14,9 +15,10 @@ from safetensors.numpy import load_file, save_file
 
 from vera_cli.main import main
 from vera_core import dvora_merge, generate_projections, merge
-from vera_core.adapter_file import AdapterConfig, LayerSpec, load_adapter_file, save_adapter_file
+from vera_core.adapter_file import AdapterConfig, LayerSpec, projection_checksum, save_adapter_file
+from vera_core.safetensors_file import write as write_safetensors
 
-from .cli_helpers import LAYERS, SEED, R
+from .cli_helpers import LAYERS, SEED, R, read_tensors
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
@@ -27,6 +29,10 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 
 def assert_one_line_error(err: str) -> None:
     assert err.count("\n") == 1 and err.startswith("vera ") and "Traceback" not in err
+
+
+def projections_of(tensors: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    return tensors["projections.A"], tensors["projections.B"]
 
 
 def projections() -> tuple[np.ndarray, np.ndarray]:
@@ -43,7 +49,7 @@ def test_inspect_reports_and_verifies(files: dict[str, Path], capsys: pytest.Cap
     code, out, _ = run_cli(capsys, "inspect", files[kind], "--json")
     assert code == 0
     report = json.loads(out)
-    _, tensors = load_adapter_file(files[kind])
+    _, tensors = read_tensors(files[kind])
     assert report["r"] == R and report["seed"] == SEED and report["prng_id"] == "threefry2x32-20"
     assert report["method"] == ("dvora" if kind == "dvora" else "vera")
     assert [layer["name"] for layer in report["layers"]] == list(LAYERS)
@@ -61,10 +67,16 @@ def test_inspect_reports_and_verifies(files: dict[str, Path], capsys: pytest.Cap
 def test_inspect_detects_wrong_stored_projections(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    config, tensors = load_adapter_file(files["stored"])
+    config, tensors = read_tensors(files["stored"])
     tensors["projections.A"] = tensors["projections.A"] * 1.5
     bad = tmp_path / "bad.safetensors"
-    save_adapter_file(bad, config.__class__(**{**config.__dict__, "projections_sha256": None}), tensors)
+    save_adapter_file(bad, config, tensors)  # the recorded checksum is the original matrices'
+    code, out, err = run_cli(capsys, "inspect", bad)
+    assert code == 1 and "stored projections do not match its projections_sha256" in err
+    assert_one_line_error(err)
+    # with a checksum that matches the changed matrices, they are still not the seed's
+    changed = dataclasses.replace(config, projections_sha256=projection_checksum(*projections_of(tensors)))
+    save_adapter_file(bad, changed, tensors)
     code, out, err = run_cli(capsys, "inspect", bad)
     assert code == 1 and "MISMATCH" in out
     assert_one_line_error(err)
@@ -73,7 +85,7 @@ def test_inspect_detects_wrong_stored_projections(
 def test_inspect_detects_wrong_checksum(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    config, tensors = load_adapter_file(files["vera"])
+    config, tensors = read_tensors(files["vera"])
     bad = tmp_path / "bad.safetensors"
     save_adapter_file(bad, config.__class__(**{**config.__dict__, "seed": SEED + 1}), tensors)
     code, out, _ = run_cli(capsys, "inspect", bad, "--json")
@@ -116,7 +128,7 @@ def test_merge_equals_core_merge(
     assert code == 0
     base, merged = load_file(str(files["base"])), load_file(str(out))
     assert set(merged) == set(base)
-    _, tensors = load_adapter_file(files[kind])
+    _, tensors = read_tensors(files[kind])
     A, B = projections()
     for name in LAYERS:
         d, b, weight = tensors[f"{name}.lambda_d"], tensors[f"{name}.lambda_b"], base[f"{name}.weight"]
@@ -157,7 +169,7 @@ def test_merge_refuses_shape_mismatch_and_nonfinite(
     assert code == 1 and "enc.fc1" in err
     assert_one_line_error(err)
 
-    config, tensors = load_adapter_file(files["vera"])
+    config, tensors = read_tensors(files["vera"])
     huge = tmp_path / "huge.safetensors"
     save_adapter_file(
         huge,
@@ -171,27 +183,36 @@ def test_merge_refuses_shape_mismatch_and_nonfinite(
     code, _, err = run_cli(capsys, "merge", "--base", files["base"], "--adapter", huge, "-o", out)
     assert code == 1 and "NaN or infinity" in err
 
-    tensors["enc.fc2.lambda_b"][0] = np.nan
+    tensors["enc.fc2.lambda_b"] = np.where(np.arange(10) == 0, np.nan, tensors["enc.fc2.lambda_b"])
     nan_adapter = tmp_path / "nan.safetensors"
-    save_adapter_file(nan_adapter, config, tensors)
+    with pytest.raises(ValueError, match=r"enc\.fc2\.lambda_b' holds NaN"):
+        save_adapter_file(nan_adapter, config, tensors)
+    metadata = {"format": "vera-core", "format_version": "1", "config": config.to_json()}
+    write_safetensors(nan_adapter, tensors, metadata)  # written around the checks
     code, _, err = run_cli(capsys, "merge", "--base", files["base"], "--adapter", nan_adapter, "-o", out)
-    assert code == 1 and "enc.fc2.lambda_b" in err
+    assert code == 1 and "enc.fc2.lambda_b" in err and "NaN" in err
     assert not out.exists()
 
 
 def test_merge_failure_mid_write_leaves_nothing(
     files: dict[str, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import safetensors.numpy
+    import vera_core.safetensors_file
 
-    def fail_halfway(tensors: dict[str, np.ndarray], path: str, metadata: object = None) -> None:
-        Path(path).write_bytes(b"half a file")
-        raise OSError("disk full")
+    real = vera_core.safetensors_file.flat_bytes
+    calls = []
 
-    monkeypatch.setattr(safetensors.numpy, "save_file", fail_halfway)
+    def fail_halfway(array: np.ndarray) -> memoryview:
+        calls.append(1)
+        if len(calls) > 2:  # after the header and two tensors are written
+            raise OSError(28, "No space left on device")
+        return real(array)
+
+    monkeypatch.setattr(vera_core.safetensors_file, "flat_bytes", fail_halfway)
     out = tmp_path / "out" / "merged.safetensors"
     code, _, err = run_cli(capsys, "merge", "--base", files["base"], "--adapter", files["vera"], "-o", out)
-    assert code == 1 and "disk full" in err
+    assert code == 1 and "No space left on device" in err
+    assert_one_line_error(err)
     assert list(out.parent.iterdir()) == []
 
 
@@ -221,8 +242,8 @@ def test_convert_round_trip(files: dict[str, Path], capsys: pytest.CaptureFixtur
     assert code == 0 and json.loads(out)["projections"]["verified"] is True
     assert run_cli(capsys, "convert", folder, back)[0] == 0
 
-    config, original = load_adapter_file(files["vera"])
-    config_back, returned = load_adapter_file(back)
+    config, original = read_tensors(files["vera"])
+    config_back, returned = read_tensors(back)
     assert config_back.prng_id == config.prng_id and config_back.projections_sha256 == config.projections_sha256
     assert "projections.A" not in returned  # recognised as vera-core's stream: stored as a seed again
     for name, (_, _, rank) in LAYERS.items():
@@ -269,6 +290,7 @@ def test_merge_fan_in_fan_out_and_trained_bias(capsys: pytest.CaptureFixture[str
         max_out=12,
         bias="vera_only",
         layers={"attn.c_attn": LayerSpec(12, R, 16, fan_in_fan_out=True)},
+        projections_sha256=projection_checksum(A, B),
     )
     adapter = tmp_path / "conv1d.safetensors"
     save_adapter_file(adapter, config, {"attn.c_attn.lambda_d": d, "attn.c_attn.lambda_b": b, "attn.c_attn.bias": bias})
@@ -290,7 +312,14 @@ def test_merge_applies_every_trained_bias(capsys: pytest.CaptureFixture[str], tm
     }
     A, B = generate_projections(SEED, R, 6, 5, xp=np)
     config = AdapterConfig(
-        r=R, seed=SEED, max_in=6, max_out=5, layers={"fc1": LayerSpec(5, R, 6)}, bias="all", bias_modules={"head": 3}
+        r=R,
+        seed=SEED,
+        max_in=6,
+        max_out=5,
+        layers={"fc1": LayerSpec(5, R, 6)},
+        bias="all",
+        bias_modules={"head": 3},
+        projections_sha256=projection_checksum(A, B),
     )
     trained = {
         "fc1.lambda_d": rng.standard_normal(R).astype(np.float32),

@@ -10,10 +10,11 @@ pytest.importorskip("safetensors")
 
 from safetensors.torch import load_file  # noqa: E402
 from torch import nn  # noqa: E402
-from torch_helpers import Conv1D, TinyLM, randomize_vectors  # noqa: E402
+from torch_helpers import Conv1D, TinyLM, randomize_vectors, read_tensors  # noqa: E402
 
 import vera_torch as vt  # noqa: E402
-from vera_core.adapter_file import AdapterFileError, load_adapter_file, read_metadata, save_adapter_file  # noqa: E402
+from vera_core.adapter_file import AdapterFileError, save_adapter_file  # noqa: E402
+from vera_core.loading import read_adapter  # noqa: E402
 
 
 def _ids():
@@ -48,7 +49,7 @@ def test_metadata_records_what_regeneration_needs(tmp_path):
     model = vt.add_vera(_lm(), ["up", "down"], r=4, seed=9)
     path = tmp_path / "a.safetensors"
     vt.save_adapter(model, path)
-    meta = json.loads(read_metadata(path)["config"])
+    meta = json.loads(read_adapter(path).config.to_json())
     assert (meta["seed"], meta["r"], meta["max_in"], meta["max_out"]) == (9, 4, 32, 32)
     assert meta["prng_id"] == "threefry2x32-20" and meta["prng_version"] == 1
     assert len(meta["projections_sha256"]) == 64
@@ -88,13 +89,13 @@ def test_checksum_mismatch_is_detected(tmp_path):
     model = vt.add_vera(_lm(), "all-linear", r=4)
     path = tmp_path / "a.safetensors"
     config = vt.save_adapter(model, path)
-    _, tensors = load_adapter_file(path, framework="torch")
+    _, tensors = read_tensors(path)
     import dataclasses
 
     bad = tmp_path / "bad.safetensors"
-    save_adapter_file(bad, dataclasses.replace(config, projections_sha256="0" * 64), tensors, framework="torch")
+    save_adapter_file(bad, dataclasses.replace(config, projections_sha256="0" * 64), tensors)
     fresh = _lm()
-    with pytest.raises(AdapterFileError, match="do not match the file's checksum"):
+    with pytest.raises(AdapterFileError, match="do not match its projections_sha256"):
         vt.load_adapter(fresh, bad)
     assert not vt.vera_layers(fresh)
 
@@ -118,12 +119,12 @@ def test_atomic_write_keeps_old_file_on_failure(tmp_path, monkeypatch):
     path = tmp_path / "a.safetensors"
     vt.save_adapter(model, path)
     before = path.read_bytes()
-    import safetensors.torch
+    import vera_core.safetensors_file
 
     def boom(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(safetensors.torch, "save_file", boom)
+    monkeypatch.setattr(vera_core.safetensors_file, "flat_bytes", boom)
     randomize_vectors(model)
     with pytest.raises(OSError, match="disk full"):
         vt.save_adapter(model, path)

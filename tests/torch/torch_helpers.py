@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 torch = pytest.importorskip("torch")  # also skips --doctest-modules collection without torch
@@ -126,3 +128,11 @@ def one_adapter_per_row(model: nn.Module, ids: torch.Tensor, names: list[str]) -
             vt.set_adapter(model, name)
             rows.append(model(ids[i : i + 1]))
     return torch.cat(rows)
+
+
+def read_tensors(path: Any) -> tuple[Any, dict[str, Any]]:
+    """The config and every tensor (projections included when stored) of a verified adapter file."""
+    from vera_core.loading import read_adapter
+
+    adapter = read_adapter(path)
+    return adapter.config, adapter.tensors()

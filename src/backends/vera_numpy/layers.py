@@ -18,6 +18,7 @@ from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
 import vera_core as vc
+from vera_core._validation import is_real_float
 from vera_core.projections import MATRIX_A
 from vera_numpy._backend import vector_dtype
 
@@ -40,15 +41,22 @@ def _copy(xp: Any, array: Any, dtype: Any = None) -> Any:
 def copy_into(targets: Mapping[str, Any], values: Mapping[str, Any]) -> None:
     """Overwrite each array of ``targets`` in place with ``values`` of the same name and shape.
 
-    Raises KeyError for a name ``targets`` lacks and ValueError for a shape mismatch.
+    Every entry is checked before any is copied: KeyError for a name ``targets`` lacks,
+    ValueError for a shape mismatch, TypeError for a value that is not a real floating
+    array; nothing is changed then.
     """
     unknown = sorted(set(values) - set(targets))
     if unknown:
         raise KeyError(f"no parameters named {', '.join(unknown)}; known: {', '.join(sorted(targets)) or 'none'}")
     for name, value in values.items():
         target = targets[name]
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"parameter {name!r} has shape {tuple(target.shape)}, got {tuple(value.shape)}")
+        if not hasattr(value, "shape") or tuple(value.shape) != tuple(target.shape):
+            got = tuple(value.shape) if hasattr(value, "shape") else type(value).__name__
+            raise ValueError(f"parameter {name!r} has shape {tuple(target.shape)}, got {got}")
+        if not is_real_float(array_namespace(value), value.dtype):
+            raise TypeError(f"parameter {name!r} must be a real floating array, got dtype {value.dtype}")
+    for name, value in values.items():
+        target = targets[name]
         xp = array_namespace(target)
         target[...] = xp.astype(value, target.dtype)
 

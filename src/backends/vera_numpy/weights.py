@@ -17,7 +17,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import vera_core as vc
-from vera_core.adapter_file import AdapterConfig, AdapterFileError, LayerSpec
+from vera_core.adapter_file import AdapterConfig, AdapterFileError, LayerSpec, check_adapter_options
 from vera_core.targets import ALL_LINEAR, select_targets
 from vera_numpy import files
 from vera_numpy._backend import Backend
@@ -94,6 +94,7 @@ def new_config(
     """
     if not weights:
         raise ValueError("the weight dictionary is empty")
+    check_adapter_options(r, seed, d_initial, dropout, bias)
     candidates = linear_layers(weights)
     if isinstance(target_modules, str) and target_modules == ALL_LINEAR:
         candidates = [name for name in candidates if name.split(".")[-1] != OUTPUT_HEAD]
@@ -283,21 +284,47 @@ class AdaptedModel(Container):
         backend: Backend | None = None,
         dropout_seed: int = 0,
         detach_norm: bool | None = None,
+        max_bytes: int | None = None,
     ) -> AdaptedModel:
-        """Attach the adapter file at ``path`` to ``weights`` (on the weights' device).
+        """Attach the adapter at ``path`` (a vera-core file or a PEFT VeRA folder) to ``weights``.
 
-        ``detach_norm`` defaults to the file's ``extra["detach_norm"]`` (False when
-        absent). Raises AdapterFileError when the file does not fit the weights or its
+        The adapter is read and verified by :func:`vera_core.loading.read_adapter` (byte
+        budget ``max_bytes``, see :func:`vera_core.loading.byte_budget`), then checked
+        against the weights; ``weights`` is never modified. ``detach_norm`` defaults to
+        the file's ``extra["detach_norm"]`` (False when absent). Raises AdapterFileError
+        (or a subclass) when the file is malformed, does not fit the weights, or its
         projections' checksum disagrees.
         """
+        if not weights:
+            raise ValueError("the weight dictionary is empty")
         backend = Backend.of(next(iter(weights.values()))) if backend is None else backend
-        config, vectors, A, B = files.load(path, backend)
+
+        def widest_input(config: AdapterConfig) -> int:
+            layers = config.layers.items()
+            return max(_features(_dense_weight(weights, name), spec.fan_in_fan_out)[1] for name, spec in layers)
+
+        adapter, vectors, A, B = files.load(path, backend, widest_input, max_bytes=max_bytes)
+        config = adapter.config
+        if config.max_in is None:
+            config = dataclasses.replace(config, max_in=int(A.shape[1]))
         weights, vectors = _apply_other_biases(path, config, weights, vectors, backend)
         if detach_norm is None:
-            detach_norm = bool(config.extra.get("detach_norm", False))
+            detach_norm = config.detach_norm
         model = cls(weights, config, A, B, backend=backend, dropout_seed=dropout_seed, detach_norm=detach_norm)
         model.load_parameters(vectors)
         return model
+
+
+def _dense_weight(weights: Mapping[str, Any], name: str) -> Any:
+    """The 2-D weight of layer ``name``; AdapterFileError naming the dense layers otherwise."""
+    weight = weights.get(name + WEIGHT_SUFFIX)
+    if weight is None or weight.ndim != 2:
+        available = linear_layers(weights)
+        raise AdapterFileError(
+            f"the adapter targets layer {name!r}, which the weights lack (no 2-D {name + WEIGHT_SUFFIX!r}); "
+            f"dense layers: {', '.join(available) or 'none'}"
+        )
+    return weight
 
 
 def _apply_other_biases(

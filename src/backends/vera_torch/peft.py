@@ -1,10 +1,11 @@
 """Hugging Face PEFT interop: load PEFT VeRA adapter folders, export ours for ``PeftModel``.
 
-PEFT is *not* imported: the folder format is read and written by
-:mod:`vera_core.peft_format`. PEFT-origin adapters without stored projections are
-regenerated with PEFT's own recipe (:func:`vera_torch.projections.peft_projections`,
-``prng_id`` ``"torch-mt19937-peft"``). Exported folders always store the projections,
-so ``peft.PeftModel.from_pretrained(base, folder)`` reproduces our outputs (to float32
+PEFT is *not* imported: folders are read and verified by the core's one loader
+(:func:`vera_core.loading.read_adapter`) and written by :mod:`vera_core.peft_format`.
+PEFT-origin adapters without stored projections are regenerated with PEFT's own recipe
+(:func:`vera_core.generators.peft_projections`, ``prng_id`` ``"torch-mt19937-peft"``).
+Exported folders always store the projections, so
+``peft.PeftModel.from_pretrained(base, folder)`` reproduces our outputs (to float32
 round-off: PEFT applies the vectors to activations, we fold them into B).
 """
 
@@ -16,10 +17,11 @@ import typing
 
 from torch import nn
 
-from vera_core.adapter_file import PROJECTION_KEYS, AdapterConfig, AdapterFileError, LayerSpec
-from vera_core.peft_format import read_peft_folder, write_peft_folder
+from vera_core.adapter_file import AdapterConfig, AdapterFileError, LayerSpec
+from vera_core.loading import FORMAT_PEFT, read_adapter
+from vera_core.peft_format import write_peft_folder
 from vera_torch.distributed import is_sharded, write_once
-from vera_torch.files import _load_into, _match_layers, adapter_config, adapter_tensors
+from vera_torch.files import _load_into, _match_layers, adapter_config, adapter_tensors, to_host
 from vera_torch.layers import layer_dims
 from vera_torch.model import check_new_name, get_state
 
@@ -27,13 +29,19 @@ __all__ = ["load_peft_adapter", "save_peft_adapter"]
 
 
 def load_peft_adapter(
-    model: nn.Module, folder: str | os.PathLike[str], adapter_name: str = "default", *, activate: bool = False
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    adapter_name: str = "default",
+    *,
+    activate: bool = False,
+    max_bytes: int | None = None,
 ) -> AdapterConfig:
     """Load a PEFT VeRA folder (``adapter_config.json`` + ``adapter_model.safetensors``) into ``model``.
 
     ``model`` is the *base* model PEFT wrapped (layer paths are those after
     ``base_model.model.``). Linear and Conv1D targets, with or without stored
-    projections; checked against the model before anything changes.
+    projections; read and verified by :func:`vera_core.loading.read_adapter` (byte budget
+    ``max_bytes``), then checked against the model, before anything changes.
 
     Returns
     -------
@@ -47,7 +55,10 @@ def load_peft_adapter(
     """
     source = str(folder)
     check_new_name(model, adapter_name)
-    config, tensors = read_peft_folder(folder, framework="torch")
+    adapter = read_adapter(folder, max_bytes=max_bytes)
+    if adapter.format != FORMAT_PEFT:
+        raise AdapterFileError(f"{source} is a vera-core adapter file; load it with vera_torch.load_adapter")
+    config = adapter.config
     targets = _match_layers(model, config, source)
     layers = {}
     in_sizes = []
@@ -56,13 +67,8 @@ def load_peft_adapter(
         in_sizes.append(n_in)
         layers[path] = LayerSpec(out_features=n_out, rank=spec.rank, in_features=n_in, fan_in_fan_out=fifo)
     max_in = config.max_in if config.max_in is not None else max(in_sizes)
-    if PROJECTION_KEYS[0] not in tensors:
-        # PEFT sizes A and B over the targeted layers only, as here
-        max_out = max(s.out_features for s in layers.values())
-        if max_out != config.max_out:
-            raise AdapterFileError(f"{source}: inconsistent output sizes")
     config = dataclasses.replace(config, layers=layers, max_in=max_in)
-    _load_into(model, config, tensors, adapter_name, source)
+    _load_into(model, adapter, config, adapter_name, source)
     if activate:
         from vera_torch.model import set_adapter
 
@@ -87,8 +93,6 @@ def save_peft_adapter(model: nn.Module, folder: str | os.PathLike[str], adapter_
     max_in = max(typing.cast(int, spec.in_features) for spec in config.layers.values())
     max_out = max(spec.out_features for spec in config.layers.values())
     config = dataclasses.replace(config, max_in=max_in, max_out=max_out)
-    A, B = A[:, :max_in], B[:max_out, :]
-    write_once(
-        lambda: write_peft_folder(folder, config, tensors, A.detach().cpu(), B.detach().cpu(), framework="torch"),
-        is_sharded(model.parameters()),
-    )
+    host = {name: to_host(value) for name, value in tensors.items()}
+    A_host, B_host = to_host(A[:, :max_in]), to_host(B[:max_out, :])
+    write_once(lambda: write_peft_folder(folder, config, host, A_host, B_host), is_sharded(model.parameters()))

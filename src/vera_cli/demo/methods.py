@@ -16,7 +16,7 @@ import numpy as np
 
 from vera_cli.demo.lora import LoraLinear
 from vera_cli.demo.models import LAYERS, network
-from vera_core.adapter_file import write_atomically
+from vera_core.atomic import write_file
 
 METHODS = ("full", "lora", "vera", "dvora")
 
@@ -61,7 +61,7 @@ def _save_host(
         from safetensors.numpy import save_file
 
         host = {name: np.ascontiguousarray(to_host(value)) for name, value in tensors().items()}
-        write_atomically(path, lambda tmp: save_file(host, tmp))
+        write_file(path, lambda tmp: save_file(host, tmp))
 
     return save
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from vera_cli.demo.report import Result
-from vera_core.adapter_file import write_atomically
+from vera_core.atomic import write_file
 
 
 def accuracy_range(values: Sequence[float], *, margin: float = 0.2, least: float = 4.0) -> tuple[float, float]:
@@ -169,7 +169,7 @@ def plot_tenants(
 
     figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    write_file(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 

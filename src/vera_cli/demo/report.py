@@ -7,7 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from vera_core.adapter_file import write_atomically
+from vera_core.atomic import write_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +73,6 @@ def write(results: Sequence[Result], out: Path, context: dict[str, object]) -> t
     """Write ``results.json`` (with ``context``) and ``results.md`` into ``out``, atomically."""
     json_path, md_path = out / "results.json", out / "results.md"
     payload = json.dumps({**context, "results": [dataclasses.asdict(r) for r in results]}, indent=2)
-    write_atomically(json_path, lambda tmp: Path(tmp).write_text(payload + "\n"))
-    write_atomically(md_path, lambda tmp: Path(tmp).write_text(markdown(results) + "\n"))
+    write_file(json_path, lambda tmp: Path(tmp).write_text(payload + "\n"))
+    write_file(md_path, lambda tmp: Path(tmp).write_text(markdown(results) + "\n"))
     return json_path, md_path

@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from vera_cli.adapters import CliError
+from vera_cli.common import CliError
 from vera_cli.demo import data, methods, models, report
 from vera_cli.demo.plot import plot
 from vera_cli.demo.train import evaluate, fit

@@ -18,7 +18,7 @@ from torch import nn
 
 from vera_cli.demo.methods import Settings, Setup
 from vera_cli.demo.models import LAYERS
-from vera_core.adapter_file import write_atomically
+from vera_core.atomic import write_file
 
 
 class Mlp(nn.Module):
@@ -59,7 +59,7 @@ def _save_tensors(tensors: Callable[[], Mapping[str, torch.Tensor]]) -> Callable
         from safetensors.torch import save_file
 
         host = {name: value.detach().cpu().contiguous() for name, value in tensors().items()}
-        write_atomically(path, lambda tmp: save_file(host, tmp))
+        write_file(path, lambda tmp: save_file(host, tmp))
 
     return save
 
