@@ -250,7 +250,7 @@ def part_peft(args: argparse.Namespace) -> dict[str, Any]:
     randomize(ours)
     ids = torch.randint(0, 1000, (256, args.tokens), device=args.device)
     for distinct in (1, 32, 256):
-        chosen = [(["default"] + names(count)[1:])[i % min(distinct, count)] for i in range(256)]
+        chosen = [["default", *names(count)[1:]][i % min(distinct, count)] for i in range(256)]
         ours_rows = vt.adapter_index(ours, [name if name != "default" else "user0" for name in chosen])
 
         def run_peft(chosen: list[str] = chosen) -> None:

@@ -233,6 +233,8 @@ def dvora_norm_rows(frozen: DvoraFrozen, B: Any, lambda_d_rows: Any, lambda_b_ro
     >>> bool(xp.allclose(rows[1], dvora_norm(frozen, B, d[1], b[1])))
     True
     """
+    _require_structures(frozen)
+    require_arrays(B=B, lambda_d_rows=lambda_d_rows, lambda_b_rows=lambda_b_rows)
     xp = namespace(frozen.gram, B, lambda_d_rows, lambda_b_rows)
     check_ndim("lambda_d_rows", lambda_d_rows, 2, "(n, rank)")
     check_ndim("lambda_b_rows", lambda_b_rows, 2, "(n, out_features)")
@@ -501,6 +503,11 @@ def dvora_rows_backward(
     >>> g.z.shape, g.magnitude.shape, g.lambda_d.shape
     ((3, 2, 6), (1, 6), (1, 4))
     """
+    _require_structures(frozen)
+    require_arrays(grad_y=grad_y, z=z, B=B, magnitude=magnitude, lambda_d=lambda_d, lambda_b=lambda_b, norm=norm)
+    require_arrays(rows=rows)
+    if not isinstance(detach_norm, bool):
+        require_arrays(detach_norm=detach_norm)
     xp = namespace(grad_y, z, frozen.gram, B, magnitude, lambda_d, lambda_b, norm, rows)
     if z.ndim < 2:
         raise ValueError(f"z must have shape (batch, ..., out), got {tuple(z.shape)}")

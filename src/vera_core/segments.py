@@ -19,10 +19,13 @@ from typing import Any
 from array_api_compat import device as device_of
 from array_api_compat import is_cupy_namespace, is_numpy_namespace
 
-from vera_core._validation import check_positive_int, namespace
+from vera_core._validation import check_positive_int, namespace, require_arrays
 
 
 def _check_ids(name: str, ids: Any, rows: int) -> None:
+    xp = namespace(ids)
+    if not xp.isdtype(ids.dtype, "integral"):
+        raise TypeError(f"{name} must have an integer dtype, got {ids.dtype}")
     if ids.ndim != 1 or ids.shape[0] != rows:
         raise ValueError(f"{name} must have shape ({rows},) (one entry per row), got {tuple(ids.shape)}")
 
@@ -51,6 +54,7 @@ def segment_sum(values: Any, segment_ids: Any, num_segments: int) -> Any:
     >>> segment_sum(values, xp.asarray([1, 0, 1, -1]), 3).tolist()
     [[3.0, 4.0], [6.0, 8.0], [0.0, 0.0]]
     """
+    require_arrays(values=values, segment_ids=segment_ids)
     xp = namespace(values, segment_ids)
     check_positive_int("num_segments", num_segments)
     if values.ndim < 1:
@@ -115,11 +119,13 @@ def take_rows(table: Any, rows: Any, *, fill: float = 0.0) -> Any:
     >>> take_rows(table, xp.asarray([1, -1, 0]), fill=1.0).tolist()
     [[3.0, 4.0], [1.0, 1.0], [1.0, 2.0]]
     """
+    require_arrays(table=table, rows=rows)
+    if isinstance(fill, bool) or not isinstance(fill, (int, float)):
+        raise TypeError(f"fill must be a number, got {type(fill).__name__}: {fill!r}")
     xp = namespace(table, rows)
     if table.ndim < 1 or table.shape[0] == 0:
         raise ValueError(f"table must have at least one row, got shape {tuple(table.shape)}")
-    if rows.ndim != 1:
-        raise ValueError(f"rows must be 1-D, got shape {tuple(rows.shape)}")
+    _check_ids("rows", rows, rows.shape[0] if rows.ndim == 1 else -1)
     named = rows >= 0
     gathered = xp.take(table, xp.where(named, rows, xp.zeros_like(rows)), axis=0)
     named = xp.reshape(named, (rows.shape[0],) + (1,) * (table.ndim - 1))

@@ -505,6 +505,7 @@ def vera_rows_forward(
     >>> y.shape, u.shape, bool(xp.all(y[0] == 0)), bool(xp.allclose(y[1], single))
     ((2, 3, 6), (2, 3, 4), True, True)
     """
+    require_arrays(A=A, B=B)
     named = _check_rows("x", x, lambda_d_rows, lambda_b_rows, {"x": x, "base": base, "dropout_mask": dropout_mask})
     xp, shape = check_adapter(
         A,
@@ -604,7 +605,9 @@ def vera_rows_backward(
     >>> rows.lambda_d.shape, bool(xp.allclose(rows.lambda_b[1], alone.lambda_b))
     ((2, 4), True)
     """
+    require_flags(input_grad=input_grad, check=check)
     if check:
+        require_arrays(u=u, A=A, B=B)
         check_positive_int("in_features", in_features)
         named = _check_rows(
             "grad_y", grad_y, lambda_d_rows, lambda_b_rows, {"grad_y": grad_y, "u": u, "dropout_mask": dropout_mask}

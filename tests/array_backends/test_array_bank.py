@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import vera_numpy as vn
-from vera_core.adapter_file import load_adapter_file
+from vera_core import read_adapter
 
 from .array_backend_helpers import from_numpy, to_numpy, weight_dict
 
@@ -298,7 +298,7 @@ def test_bias_all_files_are_refused(tmp_path: Path) -> None:
     path = tmp_path / "all.safetensors"
     single.save(path)
     model = vn.BankModel(weight_dict(xp))
-    config, _ = load_adapter_file(path)
+    config = read_adapter(path).config
     if config.bias_modules:
         with pytest.raises(vn.weights.AdapterFileError, match="trains biases outside its adapted layers"):
             model.load_adapter(path, "x")
@@ -376,8 +376,8 @@ def test_numpy_bank_files_load_in_torch_bit_identically(tmp_path: Path) -> None:
             got = layers[layer].vectors(name)[kind].detach().numpy()
             assert got.dtype == value.dtype and np.array_equal(got, np.asarray(value)), (name, key)
         vt.save_adapter(torch_model, tmp_path / f"{name}.torch.safetensors", name)
-        _, ours = load_adapter_file(tmp_path / f"{name}.safetensors")
-        _, theirs = load_adapter_file(tmp_path / f"{name}.torch.safetensors")
+        ours = read_adapter(tmp_path / f"{name}.safetensors").vectors
+        theirs = read_adapter(tmp_path / f"{name}.torch.safetensors").vectors
         assert ours.keys() == theirs.keys() and all(np.array_equal(ours[k], theirs[k]) for k in ours)
     x = np.random.default_rng(6).standard_normal((len(ROWS), 5))
     model.use(ROWS)

@@ -12,7 +12,7 @@ import vera_numpy as vn
 from vera_cli.demo import data
 from vera_cli.demo.tenants import make_users
 from vera_cli.main import main
-from vera_core.adapter_file import load_adapter_file
+from vera_core import read_adapter
 
 pytest.importorskip("sklearn")
 pytest.importorskip("matplotlib")
@@ -62,7 +62,8 @@ def test_quick_tenants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     files = sorted((out / "tenants").glob("*.safetensors"))
     assert [f.stem for f in files] == [f"user{u:02d}" for u in range(USERS)]
     assert report["bytes"]["vera_files"] == sum(f.stat().st_size for f in files)
-    config, tensors = load_adapter_file(files[0])
+    adapter = read_adapter(files[0])
+    config, tensors = adapter.config, adapter.vectors
     assert config.method == "vera" and config.r == 32 and sorted(config.layers) == ["fc1", "fc2", "head"]
     assert sum(v.size for v in tensors.values()) == 170
     for user in (0, USERS - 1):

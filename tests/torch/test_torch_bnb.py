@@ -13,7 +13,6 @@ bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed")
 from torch import nn  # noqa: E402
 from torch.nn import functional  # noqa: E402
 
-import vera_core as vc  # noqa: E402
 import vera_torch as vt  # noqa: E402
 from vera_torch import quantized as vq  # noqa: E402
 

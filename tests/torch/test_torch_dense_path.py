@@ -14,7 +14,6 @@ from torch import nn  # noqa: E402
 import vera_torch as vt  # noqa: E402
 import vera_torch.layers as layers  # noqa: E402
 
-
 TOKENS = 4096
 """Enough tokens for the merged weight to save more than ``vera_core.DENSE_MIN_SAVING`` multiply-adds."""
 
@@ -118,7 +117,8 @@ def test_dvora_takes_the_dense_path_with_equal_results(monkeypatch: pytest.Monke
     )
     y_exact, grads_exact = _run(model().double(), x.double())
     assert len(grads_dense) == 5  # x, bias, magnitude, lambda_d, lambda_b
-    for dense, factored, exact in zip([y_dense, *grads_dense], [y_factored, *grads_factored], [y_exact, *grads_exact]):
+    pairs = zip([y_dense, *grads_dense], [y_factored, *grads_factored], [y_exact, *grads_exact], strict=True)
+    for dense, factored, exact in pairs:
         error, factored_error = (torch.linalg.norm(t.double() - exact) for t in (dense, factored))
         assert error <= 2 * factored_error + 1e-6 * torch.linalg.norm(exact), (error, factored_error)
         assert error <= 1e-4 * torch.linalg.norm(exact)

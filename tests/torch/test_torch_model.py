@@ -14,7 +14,6 @@ from torch_helpers import (  # noqa: E402
     one_adapter_per_row,
     randomize_vectors,
     vector_grads,
-    vector_params,
 )
 
 import vera_core as vc  # noqa: E402

@@ -39,6 +39,7 @@ from vera_numpy.weights import (
     BIAS_SUFFIX,
     WEIGHT_SUFFIX,
     AdaptedModel,
+    _features,
     checked_layers,
     linear_layers,
     new_config,
@@ -307,7 +308,7 @@ class BankModel(Container):
         )
         self._attach(name, config, key, pair, {}, detach_norm)
 
-    def load_adapter(self, path: str | os.PathLike[str], name: str) -> AdapterConfig:
+    def load_adapter(self, path: str | os.PathLike[str], name: str, *, max_bytes: int | None = None) -> AdapterConfig:
         """Add the adapter in the vera-core file ``path`` as ``name``; returns its config.
 
         The file is checked whole before the bank changes (its tensors, each layer against
@@ -316,7 +317,17 @@ class BankModel(Container):
         outside its layers (``bias="all"``: the bank keeps biases per adapter).
         """
         self._check_new_name(name)
-        config, vectors, A, B = files.load(path, self.backend)
+
+        def widest_input(config: AdapterConfig) -> int:  # sizes regenerated projections of a PEFT folder
+            return max(
+                _features(self.weights[layer + WEIGHT_SUFFIX], spec.fan_in_fan_out)[1]
+                for layer, spec in checked_layers(self.weights, config).items()
+            )
+
+        adapter, vectors, A, B = files.load(path, self.backend, widest_input, max_bytes=max_bytes)
+        config = adapter.config
+        if config.max_in is None:
+            config = dataclasses.replace(config, max_in=int(A.shape[1]))
         if config.bias_modules:
             raise AdapterFileError(
                 f"{path} trains biases outside its adapted layers ({', '.join(config.bias_modules)}; bias='all'), "
@@ -328,11 +339,11 @@ class BankModel(Container):
         self._check_biases(config)
         assert config.max_in is not None
         key = ProjectionKey(config.prng_id, config.seed, config.r, config.max_in, config.max_out)
-        digest = projection_checksum(self.backend.to_host(A), self.backend.to_host(B))
+        digest = config.projections_sha256 or projection_checksum(self.backend.to_host(A), self.backend.to_host(B))
         if digest != self._digest(key):
             key = key._replace(checksum=digest)  # a pair our generator does not make: held under its checksum
         pair = None if key.name in self.keys else (A, B)
-        self._attach(name, config, key, pair, vectors, bool(config.extra.get("detach_norm", False)))
+        self._attach(name, config, key, pair, vectors, config.detach_norm)
         return config
 
     def _check_new_name(self, name: str) -> None:

@@ -17,11 +17,11 @@ trainable params: 56 || all params: 864 || trainable%: 6.4815
 torch.Size([4, 8])
 """
 
+from vera_torch.bank import AdapterBank
 from vera_torch.distributed import check_projections_identical
 from vera_torch.files import load_adapter, restore_adapter, save_adapter
 from vera_torch.functional import DvoraFunction, VeraFunction, dvora, vera
 from vera_torch.layers import BASE_ADAPTER, VeraLinear
-from vera_torch.bank import AdapterBank
 from vera_torch.model import (
     TrainableReport,
     active_adapters,

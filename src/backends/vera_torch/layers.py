@@ -31,8 +31,8 @@ from vera_core import _lowrank as lr
 from vera_core._fused import scale_add as _scale_add
 from vera_core.dvora import _gram_norm, _scaled
 from vera_core.slots import SlotTable
-from vera_torch.bank import DVORA, VERA, AdapterBank
 from vera_torch import quantized
+from vera_torch.bank import DVORA, VERA, AdapterBank
 from vera_torch.functional import dvora_dense, vera_dense
 from vera_torch.projections import ProjectionKey, ProjectionStore
 
@@ -384,7 +384,7 @@ class VeraLinear(nn.Module):
                 return product if use is None else product + use
             return functional.linear(x, weight, use)
         y = base(x)
-        if bias is True or self.bias is None and bias is False:
+        if bias is True or (self.bias is None and bias is False):
             return y
         y = y - self.bias.to(y.dtype) if self.bias is not None else y
         return y if bias is False else y + typing.cast(torch.Tensor, bias).to(y.dtype)

@@ -10,7 +10,6 @@ enter ``state_dict()``, and follow the activations to another device on first us
 
 from __future__ import annotations
 
-
 import torch
 from array_api_compat import torch as xp_torch
 

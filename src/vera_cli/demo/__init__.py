@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from vera_cli.adapters import CliError
+from vera_cli.common import CliError
 
 METHOD_NAMES = ("full", "lora", "vera", "dvora")
 BACKENDS = ("numpy", "torch", "cupy")

@@ -99,7 +99,7 @@ def plot(results: Sequence[Result], path: Path, *, title: str) -> None:
     axes.set_ylabel("test accuracy on the new task (%)")
     axes.set_title(title, fontsize=10)
     axes.grid(True, which="both", alpha=0.3)
-    write_atomically(path, lambda tmp: figure.savefig(tmp, format="png"))
+    write_file(path, lambda tmp: figure.savefig(tmp, format="png"))
     plt.close(figure)
 
 

@@ -26,7 +26,7 @@ import numpy as np
 from vera_cli.demo import data, methods, models
 from vera_cli.demo.plot import human_bytes, plot_tenants
 from vera_cli.demo.runner import _bar, _train, engine, require
-from vera_core.adapter_file import write_atomically
+from vera_core.atomic import write_file
 
 DEFAULT_USERS = 1000
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -215,8 +215,8 @@ def run_tenants(args: argparse.Namespace) -> int:
         "seed": args.seed,
     }
     text = _summary(report, sizes)
-    write_atomically(out / "tenants.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
-    write_atomically(out / "tenants.md", lambda tmp: Path(tmp).write_text(_markdown(report) + "\n"))
+    write_file(out / "tenants.json", lambda tmp: Path(tmp).write_text(json.dumps(report, indent=2) + "\n"))
+    write_file(out / "tenants.md", lambda tmp: Path(tmp).write_text(_markdown(report) + "\n"))
     print(text)
     print(
         f"wrote {out}/: tenants.md, tenants.json, tenants.png, tenants_base.safetensors (the pretrained model), "
