@@ -18,6 +18,7 @@ torch.Size([4, 8])
 """
 
 from vera_torch.bank import AdapterBank
+from vera_torch.bulk import load_adapters, save_adapters
 from vera_torch.distributed import check_projections_identical
 from vera_torch.files import load_adapter, restore_adapter, save_adapter
 from vera_torch.functional import DvoraFunction, VeraFunction, dvora, vera
@@ -64,6 +65,7 @@ __all__ = [
     "disable_adapters",
     "dvora",
     "list_adapters",
+    "load_adapters",
     "load_adapter",
     "load_peft_adapter",
     "merge_adapter",
@@ -72,6 +74,7 @@ __all__ = [
     "reserve",
     "restore_adapter",
     "save_adapter",
+    "save_adapters",
     "save_peft_adapter",
     "set_adapter",
     "trainable_parameters",

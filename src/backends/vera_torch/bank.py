@@ -247,7 +247,6 @@ class AdapterBank(nn.Module):
             self.grow(self.capacity, rank)
         if self.methods[slot]:
             self.clear(slot)
-        self.generations.bump(slot)
         with torch.no_grad():  # a free row is zero: only the adapter's own entries are written
             if isinstance(lambda_d, torch.Tensor):
                 self.lambda_d[slot, :rank] = lambda_d
@@ -259,9 +258,14 @@ class AdapterBank(nn.Module):
                 self._ensure("magnitude")[slot] = magnitude
             if bias is not None:
                 self._ensure("bias")[slot] = bias
-        self.methods[slot], self.ranks[slot], self.own_bias[slot] = method, rank, bias is not None
+        self.mark(slot, method, rank, own_bias=bias is not None, detach_norm=detach_norm)
+
+    def mark(self, slot: int, method: int, rank: int, *, own_bias: bool, detach_norm: bool) -> None:
+        """Record that row ``slot`` (free, and written by the caller) now holds an adapter of this kind."""
+        self.methods[slot], self.ranks[slot], self.own_bias[slot] = method, rank, own_bias
         self.detach_norm[slot] = detach_norm
         self._count(slot, 1)
+        self.generations.bump(slot)
         self._masks.clear()
 
     def clear(self, slot: int) -> None:

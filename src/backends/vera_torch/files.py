@@ -376,7 +376,7 @@ def _load_into(
     settings = AdapterSettings(
         name=adapter_name,
         method=config.method,
-        r=config.r,
+        r=int(config.extra.get("requested_r", config.r)),  # the rank asked for (the shared pair may be wider)
         key=key,
         layers=tuple(config.layers),
         d_initial=config.d_initial,
