@@ -187,7 +187,7 @@ def _write_rows(model: nn.Module, lead: str, rest: list[tuple[str, VerifiedAdapt
     if not rest:
         return
     slots = []
-    for name, adapter in rest:
+    for name, _ in rest:
         slot = state.slots.add(name)
         slots.append(slot)
         state.settings[name] = dataclasses.replace(settings, name=name)

@@ -137,13 +137,16 @@ class BatchRows:
             )
         factor = batch // rows
         if factor not in self._expanded:
-            repeat = lambda t: None if t is None else t.repeat_interleave(factor, dim=0)  # noqa: E731
+
+            def repeat(tensor: torch.Tensor) -> torch.Tensor:
+                return tensor.repeat_interleave(factor, dim=0)
+
             self._expanded[factor] = BatchRows(
                 repeat(self.index),
                 repeat(self.safe),
                 repeat(self.valid),
-                repeat(self.dropout),
-                repeat(self.trainable),
+                None if self.dropout is None else repeat(self.dropout),
+                None if self.trainable is None else repeat(self.trainable),
                 expandable=False,
             )
         return self._expanded[factor]
@@ -373,7 +376,8 @@ class VeraLinear(nn.Module):
         """``x W0^T`` plus the base bias (``True``), no bias (``False``) or the given bias tensor."""
         base = self.base_layer
         if _plain(base):
-            weight, base_bias = base._parameters["weight"], base._parameters["bias"]
+            weight = typing.cast(torch.Tensor, base._parameters["weight"])
+            base_bias = base._parameters["bias"]
             use = base_bias if bias is True else (None if bias is False else bias)
             if weight.dtype != x.dtype:
                 weight = weight.to(x.dtype)
@@ -741,7 +745,8 @@ class VeraLinear(nn.Module):
         if not step.plain or step.own_bias or not self._dense_pays(step, x):
             return None
         base = self.base_layer
-        weight, bias = base._parameters["weight"], base._parameters["bias"]
+        weight = typing.cast(torch.Tensor, base._parameters["weight"])
+        bias = base._parameters["bias"]
         if bias is not None and bias.requires_grad:
             return None
         A_s, B_s = self._step_projections(step, x)[2:]
@@ -764,7 +769,7 @@ class VeraLinear(nn.Module):
             if step.plain and self._dense_pays(step, x):
                 return dvora_dense(
                     x,
-                    self.base_layer._parameters["weight"],
+                    typing.cast(torch.Tensor, self.base_layer._parameters["weight"]),
                     bias,
                     frozen,
                     A_s,

@@ -296,8 +296,8 @@ def _batch_rows(model: nn.Module, state: VeraState, names: Any) -> BatchRows:
         raise RuntimeError("adapters are disabled; leave the disable_adapters() context for a mixed batch")
     index_list = [-1 if n == BASE_ADAPTER else slots.slot(n) for n in names]
     index = torch.tensor(index_list, dtype=torch.int64, device=device)
-    active = set(shared.active)
-    flags = [n == BASE_ADAPTER or n in active for n in names]
+    active_names = set(shared.active)
+    flags = [n == BASE_ADAPTER or n in active_names for n in names]
     trainable = None if all(flags) else torch.tensor(flags, device=device)[:, None]
     probabilities = [0.0 if n == BASE_ADAPTER else shared.specs[n].dropout for n in names]
     dropout = torch.tensor(probabilities, device=device) if any(probabilities) else None
@@ -865,9 +865,10 @@ def merge_and_unload(
         elif path in work:
             added[path] = layer.commit_merge(work[path][1], *layer.merged_weight(work[path][1], safe=safe))
         own = [n for n in state.shared.active if layer.has_adapter(n) and "bias" in layer.vectors(n)]
-        if own and getattr(base, "bias", None) is not None:
+        base_bias = getattr(base, "bias", None)
+        if own and isinstance(base_bias, torch.Tensor):
             with torch.no_grad():
-                base.bias.copy_(layer.vectors(own[0])["bias"])
+                base_bias.copy_(layer.vectors(own[0])["bias"])
         _replace(model, path, base)
     for hook in state._hooks:
         hook.remove()
