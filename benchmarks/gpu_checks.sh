@@ -10,14 +10,14 @@
 # lacks into /tmp/site, then runs these parts in order, each with its own time limit, going on past
 # a part that fails:
 #
-#   layer-eager      benchmarks/bench_torch_layer.py, bf16, 8192x4096x4096 and 2048x1024x1024
-#   train-eager      benchmarks/bench_train_step.py, bf16, whole Llama-style training step
-#   layer-compiled   the layer benchmark under torch.compile(mode="reduce-overhead") (CUDA graphs)
-#   train-compiled   the training step under torch.compile(mode="reduce-overhead"), checkpointing off
 #   tests-torch-cuda pytest, VERA_BACKENDS=torch-cuda: the tests that run on the GPU (-k "cuda or docs")
 #   tests-cupy       pytest, VERA_BACKENDS=cupy: the tests that run on CuPy (-k cupy)
+#   layer-eager      benchmarks/bench_torch_layer.py, bf16, 8192x4096x4096 and 2048x1024x1024
+#   layer-compiled   the layer benchmark under torch.compile(mode="reduce-overhead") (CUDA graphs)
+#   train-eager      benchmarks/bench_train_step.py, bf16, whole Llama-style training step
 #   many-adapters    benchmarks/bench_many_adapters.py --device cuda: add, serve, train
 #   tenants-cupy     vera demo --tenants on CuPy (1,000 users in one batched run)
+#   train-compiled   the training step under torch.compile(mode="reduce-overhead"), checkpointing off
 #
 # The whole run keeps within VERA_GPU_BUDGET_S seconds (default 400, under 7 minutes; 1500 with
 # --dry-run, which also gives each part 4x its limit, the CPU being slower). A part whose turn
@@ -45,7 +45,7 @@ while [ $# -gt 0 ]; do
         *) break ;;
     esac
 done
-parts=",layer-eager,train-eager,layer-compiled,train-compiled,tests-torch-cuda,tests-cupy,many-adapters,tenants-cupy,"
+parts=",tests-torch-cuda,tests-cupy,layer-eager,layer-compiled,train-eager,many-adapters,tenants-cupy,train-compiled,"
 for name in ${only//,/ }; do
     if [[ $parts != *",$name,"* ]]; then
         echo "gpu_checks.sh: --only: no part named '$name' (parts: ${parts:1:-1})" >&2
@@ -208,23 +208,21 @@ else
     collect=(--collect-only)
 fi
 
-part layer-eager 60 "one adapted layer, forward + backward, bf16, eager (ratios to the bare layer)" -- \
-    "$PY" benchmarks/bench_torch_layer.py "${device[@]}" "${layer_sizes[@]}"
-part train-eager 75 "whole training step of the Llama-style model, bf16 weights, eager" -- \
-    "$PY" benchmarks/bench_train_step.py "${device[@]}" "${step_size[@]}" --json "$results/train_step_eager.json"
-part layer-compiled 100 "one adapted layer under torch.compile(mode=\"reduce-overhead\"): CUDA graphs, no host time" -- \
-    "$PY" benchmarks/bench_torch_layer.py "${device[@]}" "${layer_sizes[@]}" --compile reduce-overhead
-part train-compiled 180 "whole training step under torch.compile(mode=\"reduce-overhead\"), checkpointing off" -- \
-    "$PY" benchmarks/bench_train_step.py "${device[@]}" "${step_size[@]}" --compile reduce-overhead \
-    --checkpointing off --json "$results/train_step_compiled.json"
+# The tests first (correctness on the GPU), then the figures; a part that no longer fits is
+# skipped and can be rerun with --only. The CPU-only tests run in CI.
 # The tests that use the GPU: parametrized for the backend, or named for it (test_torch_cuda.py,
 # test_array_cupy.py), and docs/torch.md's examples (its CUDA-graphs example runs only on a GPU).
-# The CPU-only tests run in CI.
 part tests-torch-cuda 100 "the tests on torch-cuda (VERA_BACKENDS=torch-cuda)" -- \
     tests torch-cuda "${xdist[@]}" "${collect[@]}" tests/core tests/array_backends tests/torch \
     --ignore=tests/torch/test_torch_compile.py -k "cuda or docs"
 part tests-cupy 60 "the tests on CuPy (VERA_BACKENDS=cupy)" -- \
     tests cupy "${xdist[@]}" "${collect[@]}" tests/core tests/array_backends -k cupy
+part layer-eager 60 "one adapted layer, forward + backward, bf16, eager (ratios to the bare layer)" -- \
+    "$PY" benchmarks/bench_torch_layer.py "${device[@]}" "${layer_sizes[@]}"
+part layer-compiled 100 "one adapted layer under torch.compile(mode=\"reduce-overhead\"): CUDA graphs, no host time" -- \
+    "$PY" benchmarks/bench_torch_layer.py "${device[@]}" "${layer_sizes[@]}" --compile reduce-overhead
+part train-eager 75 "whole training step of the Llama-style model, bf16 weights, eager" -- \
+    "$PY" benchmarks/bench_train_step.py "${device[@]}" "${step_size[@]}" --json "$results/train_step_eager.json"
 if [ $dry = 0 ]; then
     many=(--adapters 10000 --train-adapters 1000)
 else
@@ -235,8 +233,10 @@ part many-adapters 90 "many adapters on one GPT-2: adding, serving 256 rows of d
     --json "$results/many_adapters.json"
 part tenants-cupy 90 "vera demo --tenants on CuPy: 1,000 users trained in one batched run" -- \
     bash -c '"$0" -m vera_cli demo --tenants --backend cupy --no-progress --out /tmp/demo-tenants-cupy' "$PY"
+part train-compiled 180 "whole training step under torch.compile(mode=\"reduce-overhead\"), checkpointing off" -- \
+    "$PY" benchmarks/bench_train_step.py "${device[@]}" "${step_size[@]}" --compile reduce-overhead \
+    --checkpointing off --json "$results/train_step_compiled.json"
 
-say ""
 say "## Summary ($((SECONDS - start)) s of the ${budget} s budget)"
 say ""
 say "| part | status | seconds |"
