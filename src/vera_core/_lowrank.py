@@ -145,6 +145,15 @@ def project(xp: Any, x: Any, A_s: Any, dropout_mask: Any) -> Any:
     return _fused.linear(xp, x, cast(xp, A_s, x.dtype), None)
 
 
+def product(xp: Any, u: Any, C: Any) -> Any:
+    """``u C^T`` over the leading dimensions, as :func:`add_product` forms it (tokens flattened):
+    the adapter term alone rounds exactly as it does added to a base."""
+    C_t = cast(xp, C, u.dtype).T
+    if u.ndim == 2:
+        return u @ C_t
+    return xp.reshape(flatten_tokens(xp, u) @ C_t, (*u.shape[:-1], C_t.shape[1]))
+
+
 def add_product(xp: Any, base: Any, u: Any, C: Any) -> Any:
     """``base + u C^T`` over the leading dimensions, ``C`` cast to the dtype of ``u`` (one fused product)."""
     return add_product_t(xp, base, u, cast(xp, C, u.dtype).T)

@@ -115,7 +115,7 @@ def vera_forward(
     A_s, B_s = lr.layer_slices(A, B, shape)
     u = lr.project(xp, x, A_s, dropout_mask)
     C = lr.cast(xp, lr.fold(xp, B_s, lambda_d, lambda_b), x.dtype)
-    return (u @ C.T if base is None else lr.add_product(xp, base, u, C)), u
+    return (lr.product(xp, u, C) if base is None else lr.add_product(xp, base, u, C)), u
 
 
 def vera_backward(
