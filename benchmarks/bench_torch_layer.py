@@ -33,7 +33,8 @@ the step as a CUDA graph, which takes the host out of the loop); the first warm-
 compile.
 
 Variants: ``bare`` (frozen ``nn.Linear``), ``vera`` (vera_torch, r=256), ``peft-vera``
-(PEFT ``VeraConfig(r=256)``), ``dvora`` (vera_torch DVoRA, r=256, exact norm gradient),
+(PEFT ``VeraConfig(r=256)``), ``peft-lora`` (PEFT ``LoraConfig(r=16)``), ``dvora`` (vera_torch
+DVoRA, r=256, exact norm gradient),
 ``dvora-detached`` (the norm a constant in backward, DoRA section 4.3, as PEFT's DoRA), ``peft-dora``
 (PEFT ``LoraConfig(r=16, use_dora=True)``). PEFT variants are skipped when peft is missing.
 """
@@ -56,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src" / "backends")
 
 import vera_torch as vt
 
-VARIANTS = ("bare", "vera", "peft-vera", "dvora", "dvora-detached", "peft-dora")
+VARIANTS = ("bare", "vera", "peft-vera", "peft-lora", "dvora", "dvora-detached", "peft-dora")
 
 
 class Holder(nn.Module):
@@ -85,6 +86,8 @@ def build(variant: str, n_in: int, n_out: int, r: int, device: str, dtype: torch
             return None
         if variant == "peft-vera":
             config = peft.VeraConfig(r=r, target_modules=["fc"], save_projection=False)
+        elif variant == "peft-lora":
+            config = peft.LoraConfig(r=16, target_modules=["fc"])
         else:
             config = peft.LoraConfig(r=16, target_modules=["fc"], use_dora=True)
         model = peft.get_peft_model(model, config).to(device)
