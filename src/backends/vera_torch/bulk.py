@@ -87,6 +87,10 @@ def load_adapters(
 ) -> list[str]:
     """Add many adapters from files (or PEFT folders) to the model's bank; returns their names.
 
+    Every file is read and verified, and every adapter checked against the model, before
+    the model changes: a bad file raises :class:`vera_core.AdapterFileError` naming it,
+    and nothing is added. The banks grow once, to the exact number of adapters.
+
     Parameters
     ----------
     model : nn.Module
@@ -98,10 +102,6 @@ def load_adapters(
         The adapters' names; default each file's stem (a PEFT folder's name).
     max_bytes : int, optional
         The byte budget per file (see :func:`vera_core.read_adapter`).
-
-    Every file is read and verified, and every adapter checked against the model, before
-    the model changes: a bad file raises :class:`vera_core.AdapterFileError` naming it,
-    and nothing is added. The banks grow once, to the exact number of adapters.
 
     Examples
     --------
