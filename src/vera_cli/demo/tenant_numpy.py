@@ -7,18 +7,17 @@ and :class:`vera_numpy.BankAdamW` moves each adapter as if it were trained alone
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from vera_cli.demo.models import LAYERS
+from vera_cli.demo.tenant_loop import Tenants
 from vera_cli.demo.train import one_blas_thread
-
-EVAL_ROWS = 16384
-"""Rows per forward when measuring every user's accuracy."""
 
 
 def _network(layer: Callable[[str], Any]) -> Any:
@@ -29,7 +28,7 @@ def _network(layer: Callable[[str], Any]) -> Any:
     )
 
 
-class NumpyTenants:
+class NumpyTenants(Tenants):
     """N users' VeRA adapters in one :class:`vera_numpy.BankModel` over the pretrained weights.
 
     Parameters
@@ -67,111 +66,57 @@ class NumpyTenants:
         self.net = _network(self.model.layer)
         self.xp = self.model.backend.xp
 
-    def accuracy(self, x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
-        """Each user's accuracy on its own test images ``x_test[user]`` (users, images, 64)."""
-        users, images = x_test.shape[:2]
-        chunk = max(1, EVAL_ROWS // images)
-        hits = np.zeros(users)
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
         self.net.eval()
         with one_blas_thread():
-            for start in range(0, users, chunk):
-                stop = min(users, start + chunk)
-                self.model.use(np.repeat(np.arange(start, stop), images))
-                logits = self.net.forward(self.from_host(x_test[start:stop].reshape(-1, x_test.shape[-1])))
-                predicted = self.to_host(self.xp.argmax(logits, axis=1)).reshape(stop - start, images)
-                hits[start:stop] = (predicted == y_test[None, :]).mean(axis=1)
-        return hits
+            yield
 
-    def train(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        rows_per_user: int,
-        lr: float,
-        seed: int,
-        progress: Any,
-    ) -> float:
-        """Train every user's adapter on its own images ``x[user]`` in one batched run; the last epoch's mean loss.
+    def _training(self) -> contextlib.AbstractContextManager[None]:
+        return one_blas_thread()
 
-        Each step holds ``rows_per_user`` images of every user; each user's loss is the mean
-        over its own rows. AdamW (no weight decay), 10% warmup then cosine decay.
-        """
+    def _predict(self, users: slice, x: np.ndarray) -> np.ndarray:
+        self.model.use(np.repeat(np.arange(users.start, users.stop), x.shape[0] // (users.stop - users.start)))
+        return self.to_host(self.xp.argmax(self.net.forward(self.from_host(x)), axis=1))
+
+    def _trainer(
+        self, x: np.ndarray, y: np.ndarray, rows_per_user: int, lr: float, total: int
+    ) -> Callable[[np.ndarray, int], Any]:
         import vera_numpy as vn
 
-        xp = self.xp
-        users, images = x.shape[:2]
-        steps_per_epoch = max(1, images // rows_per_user)
-        total = epochs * steps_per_epoch
+        xp, users = self.xp, x.shape[0]
         optimizer = vn.BankAdamW(self.model, lr=lr, weight_decay=0.0)
         schedule = vn.WarmupCosine(lr, warmup_steps=max(1, total // 10), total_steps=total + 1)
         flat_x, flat_y = self.from_host(x.reshape(-1, x.shape[-1])), self.from_host(y.reshape(-1))
         self.model.use(np.repeat(np.arange(users), rows_per_user))  # the same rows every step: made once
-        rng = np.random.default_rng(seed)
         self.net.train()
-        step, mean_loss = 0, float("nan")
-        with one_blas_thread():
-            for _ in range(epochs):
-                order = np.argsort(rng.random((users, images)), axis=1)
-                losses = []
-                for batch in range(steps_per_epoch):
-                    picked = order[:, batch * rows_per_user : (batch + 1) * rows_per_user]
-                    index = self.from_host((picked + images * np.arange(users)[:, None]).reshape(-1))
-                    self.model.zero_grad()
-                    loss, grad = vn.softmax_cross_entropy(
-                        self.net.forward(xp.take(flat_x, index, axis=0)), xp.take(flat_y, index, axis=0)
-                    )
-                    self.net.backward(grad * users, input_grad=False)  # each user's mean over its own rows
-                    schedule.apply(optimizer, step)
-                    optimizer.step()
-                    losses.append(loss)
-                    step += 1
-                    progress.update(1)
-                mean_loss = float(sum(float(value) for value in losses)) / len(losses)
-                progress.set_postfix(loss=f"{mean_loss:.3f}")
-        return mean_loss
 
-    def serve(self, x: np.ndarray, repeats: int) -> dict[str, float]:
-        """Seconds per forward of one mixed batch (row ``i``: user ``i``), the bare base and one adapter on it.
+        def step(rows: np.ndarray, index: int) -> Any:
+            picked = self.from_host(rows)
+            self.model.zero_grad()
+            loss, grad = vn.softmax_cross_entropy(
+                self.net.forward(xp.take(flat_x, picked, axis=0)), xp.take(flat_y, picked, axis=0)
+            )
+            self.net.backward(grad * users, input_grad=False)  # each user's mean over its own rows
+            schedule.apply(optimizer, index)
+            optimizer.step()
+            return loss
 
-        The three are timed interleaved, the best of ``repeats`` each (the least disturbed by other work).
-        """
+        return step
+
+    def _serve_runs(self, x: np.ndarray) -> tuple[dict[str, Callable[[], Any]], Callable[[Any], Any]]:
         import vera_numpy as vn
 
-        users = x.shape[0]
         rows = self.from_host(x)
         base = _network(lambda name: vn.Linear(self.weights[f"{name}.weight"], self.weights[f"{name}.bias"]))
-        single = vn.add_vera(self.weights, list(LAYERS), r=self.rank, seed=self.seed)
-        one = _network(single.layer)
-        self.model.use(np.arange(users))
-        self.net.eval()
+        one = _network(vn.add_vera(self.weights, list(LAYERS), r=self.rank, seed=self.seed).layer)
+        self.model.use(np.arange(x.shape[0]))
         runs: dict[str, Callable[[], Any]] = {
             "base": lambda: base.forward(rows),
             "one adapter": lambda: one.forward(rows),
             "mixed": lambda: self.net.forward(rows),
         }
-        return _timed(runs, repeats, lambda out: self.to_host(out[:1]))
+        return runs, lambda out: self.to_host(out[:1])  # a device copy waits for the result
 
-    def save(self, folder: Path) -> list[Path]:
-        """One ordinary adapter file per user."""
-        paths = []
-        for name in self.names:
-            path = folder / f"{name}.safetensors"
-            self.model.save_adapter(path, name)
-            paths.append(path)
-        return paths
-
-
-def _timed(runs: dict[str, Callable[[], Any]], repeats: int, wait: Callable[[Any], Any]) -> dict[str, float]:
-    """The best seconds of each run, interleaved; ``wait`` blocks until a result exists (a device copy)."""
-    seconds: dict[str, list[float]] = {name: [] for name in runs}
-    with one_blas_thread():
-        for run in runs.values():
-            wait(run())  # warm-up
-        for _ in range(repeats):
-            for name, run in runs.items():
-                started = time.perf_counter()
-                wait(run())
-                seconds[name].append(time.perf_counter() - started)
-    return {name: min(values) for name, values in seconds.items()}
+    def _save_one(self, path: Path, name: str) -> None:
+        self.model.save_adapter(path, name)

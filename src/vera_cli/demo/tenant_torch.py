@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -12,11 +13,11 @@ import torch
 from torch import nn
 
 from vera_cli.demo.models import LAYERS
-from vera_cli.demo.tenant_numpy import EVAL_ROWS
+from vera_cli.demo.tenant_loop import Tenants
 from vera_cli.demo.torch_engine import Mlp, _one_thread
 
 
-class TorchTenants:
+class TorchTenants(Tenants):
     """N users' VeRA adapters on one :class:`~vera_cli.demo.torch_engine.Mlp` (see :class:`NumpyTenants`)."""
 
     def __init__(
@@ -43,99 +44,60 @@ class TorchTenants:
         self.add_seconds = time.perf_counter() - started
         self.slots = vt.adapter_index(self.model, names)
 
-    def accuracy(self, x_test: np.ndarray, y_test: np.ndarray) -> np.ndarray:
-        """Each user's accuracy on its own test images ``x_test[user]`` (users, images, 64)."""
-        users, images = x_test.shape[:2]
-        chunk = max(1, EVAL_ROWS // images)
-        hits = np.zeros(users)
+    @contextlib.contextmanager
+    def _quiet(self) -> Iterator[None]:
         self.model.eval()
         with torch.no_grad(), _one_thread():
-            for start in range(0, users, chunk):
-                stop = min(users, start + chunk)
-                index = self.slots[start:stop].repeat_interleave(images)
-                x = torch.as_tensor(x_test[start:stop].reshape(-1, x_test.shape[-1]))
-                predicted = self.model(x, adapter_names=index).argmax(dim=1).numpy().reshape(stop - start, images)
-                hits[start:stop] = (predicted == y_test[None, :]).mean(axis=1)
-        return hits
+            yield
 
-    def train(
-        self,
-        x: np.ndarray,
-        y: np.ndarray,
-        *,
-        epochs: int,
-        rows_per_user: int,
-        lr: float,
-        seed: int,
-        progress: Any,
-    ) -> float:
-        """As :meth:`NumpyTenants.train`, with ``vera_torch.BankAdamW``."""
+    def _training(self) -> contextlib.AbstractContextManager[None]:
+        return _one_thread()
+
+    def _predict(self, users: slice, x: np.ndarray) -> np.ndarray:
+        index = self.slots[users].repeat_interleave(x.shape[0] // (users.stop - users.start))
+        return self.model(torch.as_tensor(x), adapter_names=index).argmax(dim=1).numpy()
+
+    def _trainer(
+        self, x: np.ndarray, y: np.ndarray, rows_per_user: int, lr: float, total: int
+    ) -> Callable[[np.ndarray, int], Any]:
         import vera_numpy as vn
         import vera_torch as vt
 
-        users, images = x.shape[:2]
-        steps_per_epoch = max(1, images // rows_per_user)
-        total = epochs * steps_per_epoch
+        users = x.shape[0]
         optimizer = vt.BankAdamW([p for p in self.model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
         schedule = vn.WarmupCosine(lr, warmup_steps=max(1, total // 10), total_steps=total + 1)
         flat_x, flat_y = torch.as_tensor(x.reshape(-1, x.shape[-1])), torch.as_tensor(y.reshape(-1))
         index = self.slots.repeat_interleave(rows_per_user)
-        rng = np.random.default_rng(seed)
         self.model.train()
-        step, mean_loss = 0, float("nan")
-        with _one_thread():
-            for _ in range(epochs):
-                order = np.argsort(rng.random((users, images)), axis=1)
-                losses = []
-                for batch in range(steps_per_epoch):
-                    picked = order[:, batch * rows_per_user : (batch + 1) * rows_per_user]
-                    rows = torch.from_numpy((picked + images * np.arange(users)[:, None]).reshape(-1))
-                    for group in optimizer.param_groups:
-                        group["lr"] = schedule(step)
-                    optimizer.zero_grad(set_to_none=True)
-                    logits = self.model(flat_x[rows], adapter_names=index)
-                    loss = nn.functional.cross_entropy(logits, flat_y[rows], reduction="sum") / rows_per_user
-                    loss.backward()
-                    optimizer.step()
-                    losses.append(float(loss.detach()) / users)
-                    step += 1
-                    progress.update(1)
-                mean_loss = float(np.mean(losses))
-                progress.set_postfix(loss=f"{mean_loss:.3f}")
-        return mean_loss
 
-    def serve(self, x: np.ndarray, repeats: int) -> dict[str, float]:
-        """As :meth:`NumpyTenants.serve`."""
+        def step(rows: np.ndarray, count: int) -> Any:
+            picked = torch.from_numpy(rows)
+            for group in optimizer.param_groups:
+                group["lr"] = schedule(count)
+            optimizer.zero_grad(set_to_none=True)
+            logits = self.model(flat_x[picked], adapter_names=index)
+            loss = nn.functional.cross_entropy(logits, flat_y[picked], reduction="sum") / rows_per_user
+            loss.backward()  # each user's mean over its own rows
+            optimizer.step()
+            return loss.detach() / users
+
+        return step
+
+    def _serve_runs(self, x: np.ndarray) -> tuple[dict[str, Callable[[], Any]], Callable[[Any], Any]]:
         import vera_torch as vt
 
         rows = torch.as_tensor(x)
         base = Mlp(self.weights).eval()
         one = vt.add_vera(Mlp(self.weights), list(LAYERS), r=self.rank, seed=self.seed).eval()
-        self.model.eval()
         index = self.slots[: x.shape[0]]
         runs: dict[str, Callable[[], Any]] = {
             "base": lambda: base(rows),
             "one adapter": lambda: one(rows),
             "mixed": lambda: self.model(rows, adapter_names=index),
         }
-        seconds: dict[str, list[float]] = {name: [] for name in runs}
-        with torch.no_grad(), _one_thread():
-            for run in runs.values():
-                run()
-            for _ in range(repeats):
-                for name, run in runs.items():
-                    started = time.perf_counter()
-                    run()
-                    seconds[name].append(time.perf_counter() - started)
-        return {name: min(values) for name, values in seconds.items()}
+        return runs, lambda out: out  # the CPU: a result exists when the call returns
 
-    def save(self, folder: Path) -> list[Path]:
-        """One ordinary adapter file per user."""
+    def _save_one(self, path: Path, name: str) -> None:
         import vera_torch as vt
 
-        paths = []
-        for name in self.names:
-            path = folder / f"{name}.safetensors"
-            vt.save_adapter(self.model, path, name)
-            paths.append(path)
-        return paths
+        vt.save_adapter(self.model, path, name)
