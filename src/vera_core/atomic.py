@@ -40,6 +40,17 @@ def _temporary_name(target: Path, suffix: str) -> Path:
     return target.with_name(f".{target.name[:100]}.{secrets.token_hex(6)}{suffix}")
 
 
+def _claim_temporary(target: Path, create: Callable[[Path], object]) -> Path:
+    """A new hidden name beside ``target``, made by ``create`` (which fails if it exists)."""
+    while True:
+        temporary = _temporary_name(target, ".tmp")
+        try:
+            create(temporary)
+            return temporary
+        except FileExistsError:
+            continue
+
+
 def fsync_path(path: str | os.PathLike[str]) -> None:
     """Flush a file or folder to disk (``fsync`` on a descriptor of it)."""
     fd = os.open(os.fspath(path), os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) * Path(path).is_dir())
@@ -79,13 +90,8 @@ def write_file(path: str | os.PathLike[str], write: Callable[[str], object]) -> 
     target = Path(path)
     mode = _existing_mode(target, want_dir=False)
     target.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        temporary = _temporary_name(target, ".tmp")
-        try:
-            os.close(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
-            break
-        except FileExistsError:
-            continue
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+    temporary = _claim_temporary(target, lambda name: os.close(os.open(name, flags, 0o666)))
     try:
         write(str(temporary))
         if mode is not None:
@@ -155,13 +161,7 @@ def replace_folder(path: str | os.PathLike[str], populate: Callable[[Path], obje
     target = Path(path)
     mode = _existing_mode(target, want_dir=True)
     target.parent.mkdir(parents=True, exist_ok=True)
-    while True:
-        staging = _temporary_name(target, ".tmp")
-        try:
-            os.mkdir(staging, 0o777)
-            break
-        except FileExistsError:
-            continue
+    staging = _claim_temporary(target, lambda name: os.mkdir(name, 0o777))
     try:
         populate(staging)
         if mode is not None:
