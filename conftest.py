@@ -28,6 +28,7 @@ NEEDS: dict[str, tuple[str, ...]] = {
     "vera_torch/*": ("torch",),
     "vera_cupy/*": ("cupy",),
     "vera_cli/demo/torch_engine.py": ("torch",),
+    "vera_cli/demo/tenant_torch.py": ("torch",),
     "vera_core/testing/*": ("array_api_strict",),
     # test files
     "tests/torch/*": ("torch",),
