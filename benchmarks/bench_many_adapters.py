@@ -17,7 +17,8 @@ The model is issue 13's tiny GPT-2 (4 layers, n_embd 128, targets ``c_attn``/``c
   resident), against the same batch through one adapter, through the per-row path with one
   adapter, and through the base model (interleaved; median of ``--repeats``);
 * ``train``: a training step (forward, backward, ``BankAdamW``) whose rows come from
-  ``--train-adapters`` different adapters, against the same step with one adapter;
+  ``--train-adapters`` different adapters, against the same step with one adapter (on its
+  merged-weight path, and on the per-row path that mixed batches take);
 * ``peft``: PEFT LoRA r=16 side by side for N up to ``--peft-adapters`` (while it takes under
   two minutes): the time to add N adapters, and a mixed batch at 1, 32 and 256 distinct
   adapters (PEFT's ``adapter_names``) against vera_torch's.
@@ -212,8 +213,13 @@ def part_train(args: argparse.Namespace) -> dict[str, Any]:
 
         return run
 
+    one_row_path = vt.adapter_index(single, ["user0"] * args.rows)
     times = interleaved(
-        {"distinct": step(many, opt_many, adapter_names=rows), "one_adapter": step(single, opt_single)},
+        {
+            "distinct": step(many, opt_many, adapter_names=rows),
+            "one_adapter": step(single, opt_single),
+            "one_adapter_per_row_path": step(single, opt_single, adapter_names=one_row_path),
+        },
         args.repeats,
         args.device,
     )
@@ -224,7 +230,9 @@ def part_train(args: argparse.Namespace) -> dict[str, Any]:
         "tokens_per_row": args.tokens,
         "distinct_ms": 1e3 * times["distinct"],
         "one_adapter_ms": 1e3 * times["one_adapter"],
+        "one_adapter_per_row_path_ms": 1e3 * times["one_adapter_per_row_path"],
         "distinct_over_one_adapter": times["distinct"] / times["one_adapter"],
+        "distinct_over_per_row_one_adapter": times["distinct"] / times["one_adapter_per_row_path"],
     }
 
 
