@@ -78,10 +78,10 @@ SUITES: dict[str, Suite] = {
         doctests=False,
     ),
     "bnb": Suite(
-        "Quantized bases: bitsandbytes 4-bit and 8-bit layers on the CPU.",
+        "Quantized bases: bitsandbytes 4-bit and 8-bit layers on the CPU (accelerate for the docs recipe).",
         ("torch",),
         "torch",
-        (TORCH, TRANSFORMERS, "bitsandbytes==0.50.2"),
+        (TORCH, TRANSFORMERS, "bitsandbytes==0.50.2", "accelerate>=1.0"),
         paths=("tests/torch/test_torch_bnb.py",),
         doctests=False,
     ),

@@ -326,9 +326,7 @@ def test_files_round_trip(xp: Any, tmp_path: Path) -> None:
     assert all(np.array_equal(to_numpy(v), to_numpy(model.vectors("d")[k])) for k, v in single.parameters().items())
 
 
-torch_only = pytest.mark.skipif(
-    __import__("importlib").util.find_spec("torch") is None, reason="needs torch (vera_torch)"
-)
+torch_only = pytest.mark.requires("torch")
 
 
 def _torch_model(weights: dict[str, np.ndarray]) -> Any:

@@ -73,8 +73,8 @@ def test_quick_tenants(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> No
     assert main(["inspect", str(files[0])]) == 0
 
 
+@pytest.mark.requires("torch")
 def test_tenants_on_torch(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    pytest.importorskip("torch")
     out, report = _run(tmp_path, "--backend", "torch", "--no-progress")
     capsys.readouterr()
     assert report["backend"] == "torch" and report["quantiles"]["after"][3] > report["quantiles"]["before"][3]

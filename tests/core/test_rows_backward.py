@@ -76,14 +76,16 @@ NAMES = ("D", "Bv", "M", "x")
 
 
 def torch_oracle(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    torch = pytest.importorskip("torch")
+    import torch
+
     tensors = {k: torch.tensor(a, dtype=torch.float64, requires_grad=k in NAMES) for k, a in values.items()}
     plain_loss(tensors, lambda t: t.detach()).backward()
     return {name: tensors[name].grad.numpy() for name in NAMES}
 
 
 def jax_oracle(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    jax = pytest.importorskip("jax")
+    import jax
+
     jax.config.update("jax_enable_x64", True)
     arrays = {k: jax.numpy.asarray(a, dtype=jax.numpy.float64) for k, a in values.items()}
     grads = jax.grad(lambda t: plain_loss({**arrays, **t}, jax.lax.stop_gradient))({n: arrays[n] for n in NAMES})
@@ -186,7 +188,14 @@ def core_grads(xp: Any, device: Any, dtype: Any, values: dict[str, np.ndarray]) 
 
 @pytest.mark.parametrize("tokens", [0, 3, 6], ids=["no-tokens", "tokens<rank", "tokens>rank"])
 @pytest.mark.parametrize("dtype_name", dtypes("float32", "float64"))
-@pytest.mark.parametrize("oracle", ORACLES)
+@pytest.mark.parametrize(
+    "oracle",
+    [
+        pytest.param("torch.autograd", marks=pytest.mark.requires("torch")),
+        pytest.param("jax.grad", marks=pytest.mark.requires("jax")),
+        "finite-differences",
+    ],
+)
 def test_rows_backward_matches_autodiff(xp: Any, device: Any, oracle: str, dtype_name: str, tokens: int) -> None:
     dtype = getattr(xp, dtype_name)
     values = _problem(tokens)

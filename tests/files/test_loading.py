@@ -142,8 +142,8 @@ def test_reads_a_peft_folder(tmp_path: Path) -> None:
     np.testing.assert_array_equal(adapter.vectors["fc2.lambda_d"][:2], craft.vectors()["fc2.lambda_d"])
 
 
+@pytest.mark.requires("torch")
 def test_peft_folder_without_projections_needs_max_in(tmp_path: Path) -> None:
-    pytest.importorskip("torch")
     folder = craft.peft_folder(
         tmp_path / "peft", craft.peft_config(save_projection=False), craft.peft_tensors(stored=False)
     )

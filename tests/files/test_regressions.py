@@ -95,9 +95,11 @@ def test_merge_verifies_stored_projections(tmp_path: Path, base: Path, capsys: p
 # ------------------------------------------------------------ defect 2 (by strict parsing): torch load changes nothing
 
 
+@pytest.mark.requires("torch")
 @pytest.mark.parametrize("field", ["rank", "d_initial"])
 def test_torch_load_of_a_bad_type_changes_nothing(tmp_path: Path, field: str) -> None:
-    torch = pytest.importorskip("torch")
+    import torch
+
     import vera_torch as vt
 
     cfg = craft.config()
@@ -247,8 +249,8 @@ def test_detach_norm_string_is_refused(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("field", "value"), [("r", 4.7), ("projection_prng_key", 0.5), ("fan_in_fan_out", "false")])
+@pytest.mark.requires("torch")
 def test_peft_config_types_are_checked(tmp_path: Path, field: str, value: Any) -> None:
-    pytest.importorskip("torch")
     import vera_torch as vt
 
     folder = craft.peft_folder(tmp_path / "peft", craft.peft_config(**{field: value}))
@@ -350,8 +352,8 @@ def test_written_files_and_folders_honour_the_umask(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("checksum", [None, craft.projection_sha256()], ids=["no-checksum", "checksum"])
+@pytest.mark.requires("torch")
 def test_torch_refuses_an_unknown_generator_version(tmp_path: Path, checksum: str | None) -> None:
-    pytest.importorskip("torch")
     import vera_torch as vt
 
     adapter = write(tmp_path / "a.safetensors", craft.ours(craft.config(prng_version=2, projections_sha256=checksum)))

@@ -138,7 +138,7 @@ class AdapterBank(nn.Module):
     def _tag(self) -> None:
         """Point every parameter at the row generations (for BankAdamW)."""
         for param in self.parameters_by_kind().values():
-            param.vera_row_generations = self.generations  # type: ignore[attr-defined]
+            param.vera_row_generations = self.generations  # type: ignore[attr-defined,unused-ignore]  # torch may be absent for mypy
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         """Copies (``copy.deepcopy``, pickle) make new parameters: tag them too."""
