@@ -37,7 +37,7 @@ from vera_core.errors import AdapterFileError
 from vera_core.linear import linear, linear_input_grad
 from vera_core.loading import VerifiedAdapter, read_adapter
 from vera_core.projections import PRNG_ID, PRNG_VERSION, generate_projections, kaiming_bound, kaiming_uniform
-from vera_core.segments import segment_sum, take_rows
+from vera_core.segments import grown, segment_sum, take_rows
 from vera_core.vera import (
     DENSE_MIN_SAVING,
     VeraGrads,
@@ -83,6 +83,7 @@ __all__ = [
     "dvora_rows_output",
     "dvora_unmerge",
     "generate_projections",
+    "grown",
     "initial_magnitude",
     "kaiming_bound",
     "kaiming_uniform",

@@ -3,7 +3,8 @@
 A mixed-adapter batch gives each leading row an adapter by index (``-1``: none). The
 forward gathers each row's vectors (:func:`take_rows`); the backward sums the rows'
 gradients per adapter (:func:`segment_sum`), so a step's gradient holds only the adapters
-it used, never one row per adapter of the bank.
+it used, never one row per adapter of the bank. A bank that needs more rows, and the
+optimizer state beside it, grows with :func:`grown`.
 
 The Array API has no scatter-add. :func:`segment_sum` takes the library's own where it
 has one (NumPy: a segmented ``add.reduceat`` over rows grouped by adapter, or a reshaped sum when
@@ -130,3 +131,38 @@ def take_rows(table: Any, rows: Any, *, fill: float = 0.0) -> Any:
     gathered = xp.take(table, xp.where(named, rows, xp.zeros_like(rows)), axis=0)
     named = xp.reshape(named, (rows.shape[0],) + (1,) * (table.ndim - 1))
     return xp.where(named, gathered, xp.full_like(gathered, fill))
+
+
+def grown(array: Any, shape: tuple[int, ...]) -> Any:
+    """A zero array of ``shape`` holding ``array`` in its leading block: a bank, or its optimizer state, grown.
+
+    Parameters
+    ----------
+    array : array
+    shape : tuple of int
+        As many sizes as ``array`` has axes, none smaller than its own.
+
+    Returns
+    -------
+    array
+        ``array``'s dtype and device.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> grown(np.ones((1, 2)), (2, 3)).tolist()
+    [[1.0, 1.0, 0.0], [0.0, 0.0, 0.0]]
+    """
+    require_arrays(array=array)
+    sizes_ok = isinstance(shape, tuple) and len(shape) == array.ndim
+    if not sizes_ok or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= m for n, m in zip(shape, array.shape, strict=True)
+    ):
+        raise ValueError(
+            f"an array of shape {tuple(array.shape)} can only grow to a tuple of {array.ndim} sizes,"
+            f" none smaller; got {shape!r}"
+        )
+    xp = namespace(array)
+    new = xp.zeros(shape, dtype=array.dtype, device=device_of(array))
+    new[tuple(slice(0, n) for n in array.shape)] = array
+    return new

@@ -87,13 +87,6 @@ def put_rows(table: Any, rows: Any, values: Any) -> None:
     table[...] = xp.where(hit, xp.reshape(scattered, table.shape), table)
 
 
-def grown(xp: Any, array: Any, shape: tuple[int, ...]) -> Any:
-    """A zero array of ``shape`` with ``array`` copied into its leading block."""
-    new = xp.zeros(shape, dtype=array.dtype, device=device_of(array))
-    new[tuple(slice(0, n) for n in array.shape)] = array
-    return new
-
-
 class LayerBank:
     """The stacked vectors of one layer's adapters on one projection key.
 
@@ -152,18 +145,17 @@ class LayerBank:
 
     def grow(self, capacity: int, width: int | None = None) -> None:
         """Hold ``capacity`` rows (and ``width`` columns of ``lambda_d``); existing rows keep their values."""
-        xp = self.xp
         width = self.width if width is None else width
         if capacity < self.capacity or width < self.width:
             raise ValueError(f"a bank only grows: ({self.capacity}, {self.width}) -> ({capacity}, {width})")
         if (capacity, width) == (self.capacity, self.width):
             return
         for kind, array in self.arrays.items():
-            self.arrays[kind] = grown(xp, array, (capacity, width if kind == "lambda_d" else self.out_features))
-        self.rank_rows = grown(xp, self.rank_rows, (capacity,))
-        self.method_codes = grown(xp, self.method_codes, (capacity,))
-        self.own_bias_rows = grown(xp, self.own_bias_rows, (capacity,))
-        self.detach_rows = grown(xp, self.detach_rows, (capacity,))
+            self.arrays[kind] = vc.grown(array, (capacity, width if kind == "lambda_d" else self.out_features))
+        self.rank_rows = vc.grown(self.rank_rows, (capacity,))
+        self.method_codes = vc.grown(self.method_codes, (capacity,))
+        self.own_bias_rows = vc.grown(self.own_bias_rows, (capacity,))
+        self.detach_rows = vc.grown(self.detach_rows, (capacity,))
         extra = capacity - len(self.methods)
         self.methods.extend([NONE] * extra)
         self.ranks.extend([0] * extra)

@@ -15,7 +15,8 @@ from typing import Any
 from array_api_compat import array_namespace
 from array_api_compat import device as device_of
 
-from vera_numpy.bank import RowGrad, grown, put_rows
+import vera_core as vc
+from vera_numpy.bank import RowGrad, put_rows
 
 
 class Optimizer:
@@ -258,8 +259,8 @@ class BankAdamW:
             }
         elif tuple(state["exp_avg"].shape) != shape:
             for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = grown(xp, state[key], shape)
-            state["step"] = grown(xp, state["step"], shape[:1])
+                state[key] = vc.grown(state[key], shape)
+            state["step"] = vc.grown(state["step"], shape[:1])
         return state
 
     def step(self, grads: Mapping[str, Any] | None = None) -> None:

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 from torch.nn import functional
 
+from vera_core.segments import grown
 from vera_torch.projections import ProjectionKey
 
 __all__ = ["DVORA", "NONE", "VERA", "AdapterBank"]
@@ -62,20 +63,13 @@ class RowGenerations:
         return found
 
 
-def _resized(tensor: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
-    """A zero tensor of ``(rows, cols)`` with ``tensor`` copied into its leading block."""
-    new = tensor.new_zeros(rows, cols)
-    new[: tensor.shape[0], : tensor.shape[1]] = tensor
-    return new
-
-
 def _resize_parameter(param: nn.Parameter, rows: int, cols: int) -> None:
     """Grow ``param`` in place (the same Parameter object, so a holder keeps seeing it), grad too."""
     with torch.no_grad():
-        param.data = _resized(param.data, rows, cols)
+        param.data = grown(param.data, (rows, cols))
     if param.grad is not None:
         grad = param.grad.to_dense() if param.grad.is_sparse else param.grad
-        param.grad = _resized(grad, rows, cols)
+        param.grad = grown(grad, (rows, cols))
 
 
 class AdapterBank(nn.Module):

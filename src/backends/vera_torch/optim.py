@@ -17,18 +17,18 @@ from typing import Any
 
 import torch
 
+from vera_core.segments import grown
+
 __all__ = ["BankAdamW"]
 
 
-def _grown(state: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``state`` padded with zeros to the shape of ``like`` (its bank grew since the last step)."""
-    if state.shape == like.shape:
+def _grown(state: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """``state`` padded with zeros to ``shape`` (its bank grew since the last step)."""
+    if tuple(state.shape) == shape:
         return state
-    grown = torch.zeros_like(like, dtype=state.dtype) if state.dim() == like.dim() else None
-    if grown is None:
-        raise RuntimeError(f"a parameter changed from {tuple(state.shape)} to {tuple(like.shape)}")
-    grown[tuple(slice(0, n) for n in state.shape)] = state
-    return grown
+    if state.dim() != len(shape):
+        raise RuntimeError(f"a parameter changed from {tuple(state.shape)} to {shape}")
+    return grown(state, shape)
 
 
 class BankAdamW(torch.optim.Optimizer):
@@ -94,9 +94,9 @@ class BankAdamW(torch.optim.Optimizer):
             state["exp_avg_sq"] = torch.zeros_like(table)
             state["step"] = torch.zeros(table.shape[0], dtype=torch.float64, device=param.device)
         for name in ("exp_avg", "exp_avg_sq"):
-            state[name] = _grown(state[name], table)
+            state[name] = _grown(state[name], tuple(table.shape))
         if state["step"].shape[0] != table.shape[0]:
-            state["step"] = _grown(state["step"], table[:, 0].to(torch.float64))
+            state["step"] = _grown(state["step"], (table.shape[0],))
         generations = getattr(param, "vera_row_generations", None)
         if grad.is_sparse:
             grad = grad.coalesce()
@@ -114,7 +114,7 @@ class BankAdamW(torch.optim.Optimizer):
             now = generations.on(param.device).index_select(0, rows)
             seen = state.setdefault("generation", torch.zeros(table.shape[0], dtype=torch.int64, device=param.device))
             if seen.shape[0] != table.shape[0]:
-                seen = state["generation"] = _grown(seen, now.new_zeros(table.shape[0]))
+                seen = state["generation"] = _grown(seen, (table.shape[0],))
             fresh = (seen.index_select(0, rows) == now).to(exp_avg.dtype).view((-1,) + (1,) * (exp_avg.dim() - 1))
             exp_avg.mul_(fresh)
             exp_avg_sq.mul_(fresh)
