@@ -186,8 +186,12 @@ def vector_grads(xp: Any, grad_C: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -
 
 def input_grad(xp: Any, grad: Any, C: Any, A_s: Any, dropout_mask: Any) -> Any:
     """``dL/dx`` of the adapter term: ``((grad C) A_s) * mask``."""
-    grad_u = grad @ cast(xp, C, grad.dtype)
-    grad_x = grad_u @ cast(xp, A_s, grad.dtype)
+    return project_back(xp, grad @ cast(xp, C, grad.dtype), A_s, dropout_mask)
+
+
+def project_back(xp: Any, grad_u: Any, A_s: Any, dropout_mask: Any) -> Any:
+    """``dL/dx`` through ``u = (x * mask) A_s^T``, from ``dL/du``: ``(grad_u A_s) * mask``."""
+    grad_x = grad_u @ cast(xp, A_s, grad_u.dtype)
     return grad_x if dropout_mask is None else grad_x * dropout_mask
 
 

@@ -629,9 +629,5 @@ def vera_rows_backward(
         shape = lr.AdapterShape(lambda_d_rows.shape[1], lambda_b_rows.shape[1], in_features)
     A_s, B_s = lr.layer_slices(A, B, shape)
     grad_d, grad_b, grad_u = lr.rows_delta_backward(xp, grad_y, u, B_s, lambda_d_rows, lambda_b_rows, grad_u=input_grad)
-    grad_x = None
-    if input_grad:
-        grad_x = grad_u @ lr.cast(xp, A_s, grad_u.dtype)
-        if dropout_mask is not None:
-            grad_x = grad_x * dropout_mask
+    grad_x = lr.project_back(xp, grad_u, A_s, dropout_mask) if input_grad else None
     return VeraGrads(grad_x, grad_d, grad_b)
