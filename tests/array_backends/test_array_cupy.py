@@ -9,6 +9,8 @@ device synchronisation CuPy performs (every device-to-host copy synchronises).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,6 +72,22 @@ class Counter:
         return counted
 
 
+@contextlib.contextmanager
+def no_host_traffic(cupy: Any, vera_cupy: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[Counter]:
+    """Inside the block a synchronisation raises and host copies are counted (skips without the guard)."""
+    import cupyx
+
+    guard = getattr(cupyx, "allow_synchronize", None)
+    if guard is None:
+        pytest.skip("this CuPy has no cupyx.allow_synchronize")
+    counter = Counter()
+    monkeypatch.setattr(cupy, "asnumpy", counter.wrap(cupy.asnumpy))
+    for method in ("to_host", "from_host"):
+        monkeypatch.setattr(vera_cupy.CupyBackend, method, counter.wrap(getattr(vera_cupy.CupyBackend, method)))
+    with guard(False):
+        yield counter
+
+
 def training_step(
     model: AdaptedModel, net: Sequential, optimizer: AdamW, schedule: WarmupCosine, X: Any, labels: Any, step: int
 ) -> Any:
@@ -94,16 +112,7 @@ def test_training_stays_on_the_device(cupy: Any, vera_cupy: Any, monkeypatch: py
     training_step(model, net, optimizer, schedule, X, labels, 0)  # compiles the kernels
     cupy.cuda.Device().synchronize()
 
-    counter = Counter()
-    monkeypatch.setattr(cupy, "asnumpy", counter.wrap(cupy.asnumpy))
-    for method in ("to_host", "from_host"):
-        monkeypatch.setattr(vera_cupy.CupyBackend, method, counter.wrap(getattr(vera_cupy.CupyBackend, method)))
-    import cupyx
-
-    guard = getattr(cupyx, "allow_synchronize", None)
-    if guard is None:
-        pytest.skip("this CuPy has no cupyx.allow_synchronize")
-    with guard(False):
+    with no_host_traffic(cupy, vera_cupy, monkeypatch) as counter:
         for step in range(1, 4):
             loss = training_step(model, net, optimizer, schedule, X, labels, step)
     assert counter.calls == 0
@@ -173,16 +182,7 @@ def test_bank_training_stays_on_the_device(cupy: Any, vera_cupy: Any, monkeypatc
 
     step()  # compiles the kernels
     cupy.cuda.Device().synchronize()
-    counter = Counter()
-    monkeypatch.setattr(cupy, "asnumpy", counter.wrap(cupy.asnumpy))
-    for method in ("to_host", "from_host"):
-        monkeypatch.setattr(vera_cupy.CupyBackend, method, counter.wrap(getattr(vera_cupy.CupyBackend, method)))
-    import cupyx
-
-    guard = getattr(cupyx, "allow_synchronize", None)
-    if guard is None:
-        pytest.skip("this CuPy has no cupyx.allow_synchronize")
-    with guard(False):
+    with no_host_traffic(cupy, vera_cupy, monkeypatch) as counter:
         for _ in range(3):
             loss = step()
     assert counter.calls == 0
