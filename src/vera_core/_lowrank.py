@@ -179,9 +179,15 @@ def token_gram(xp: Any, grad: Any, u: Any, dtype: Any) -> Any:
 
 
 def vector_grads(xp: Any, grad_C: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -> tuple[Any, Any]:
-    """Chain ``dL/dC`` to ``(dL/dlambda_d, dL/dlambda_b)`` through ``C = diag(b) B diag(d)``."""
+    """Chain ``dL/dC`` to ``(dL/dlambda_d, dL/dlambda_b)`` through ``C = diag(b) B diag(d)``.
+
+    The vectors are (r,) and (out,), or one-row matrices (1, r) and (1, out) (a bank's
+    row); the gradients have their shapes.
+    """
     weighted = grad_C * cast(xp, B_s, grad_C.dtype)
-    return weighted.T @ lambda_b, weighted @ lambda_d
+    if lambda_d.ndim == 1:  # matrix-vector products
+        return weighted.T @ lambda_b, weighted @ lambda_d
+    return lambda_b @ weighted, lambda_d @ weighted.T
 
 
 def input_grad(xp: Any, grad: Any, C: Any, A_s: Any, dropout_mask: Any) -> Any:
@@ -204,6 +210,29 @@ def apply_weight(xp: Any, x: Any, weight: Any, bias: Any, fan_in_fan_out: bool) 
 def weight_input_grad(xp: Any, grad_y: Any, weight: Any, fan_in_fan_out: bool) -> Any:
     """``dL/dx = grad_y W`` of :func:`apply_weight`, in the dtype of ``grad_y``."""
     return grad_y @ cast(xp, weight.T if fan_in_fan_out else weight, grad_y.dtype)
+
+
+def whole_forward(
+    xp: Any, x: Any, weight: Any, bias: Any, A_s: Any, C_t: Any, fan_in_fan_out: bool, *, merged: bool
+) -> tuple[Any, Any]:
+    """``(y, u)``: the whole layer ``y = x (W0 + C A_s)^T + bias`` and ``u = x A_s^T``, in the dtype of ``x``.
+
+    Through ``W' = W0 + C A_s`` (``merged``) or as ``x W0^T + u C^T``; ``C_t`` is ``C^T``
+    (r x out). No checks: the checked-once internals of the dense forms.
+    """
+    u = project(xp, x, A_s, None)
+    if merged:
+        shifted = shifted_weight(xp, weight, C_t.T, A_s, fan_in_fan_out, dtype=x.dtype)
+        return apply_weight(xp, x, shifted, bias, fan_in_fan_out), u
+    return add_product_t(xp, apply_weight(xp, x, weight, bias, fan_in_fan_out), u, C_t), u
+
+
+def whole_input_grad(xp: Any, grad: Any, weight: Any, C_t: Any, A_s: Any, fan_in_fan_out: bool, *, merged: bool) -> Any:
+    """``grad (W0 + C A_s)`` in the dtype of ``grad``: through ``W'`` (``merged``) or as ``grad W0 + (grad C) A_s``."""
+    if merged:
+        shifted = shifted_weight(xp, weight, C_t.T, A_s, fan_in_fan_out, dtype=grad.dtype)
+        return weight_input_grad(xp, grad, shifted, fan_in_fan_out)
+    return add_product_t(xp, weight_input_grad(xp, grad, weight, fan_in_fan_out), product(xp, grad, C_t), A_s)
 
 
 def delta_weight_matrix(xp: Any, C: Any, A_s: Any, fan_in_fan_out: bool) -> Any:

@@ -33,6 +33,7 @@ from vera_core._validation import (
     require_flags,
 )
 from vera_core.segments import segment_sum, take_rows
+from vera_core.vera import _check_whole_layer
 
 
 class DvoraFrozen(NamedTuple):
@@ -704,13 +705,13 @@ def _shared_backward(
         _check_frozen(frozen, shape.out_features, shape.rank)
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
-    grads, scale = _vector_grads(
+    grads, scale = vector_grads(
         xp, grad_y, saved, frozen, B_s, C, magnitude, lambda_d, lambda_b, detach_norm=detach_norm, has_bias=has_bias
     )
     return xp, A_s, C, grads, scale
 
 
-def _vector_grads(
+def vector_grads(
     xp: Any,
     grad_y: Any,
     saved: DvoraSaved,
@@ -853,6 +854,38 @@ def dvora_unmerge(
     return lr.cast(xp, W0, weight.dtype)
 
 
+def check_dvora_whole_layer(
+    x: Any,
+    weight: Any,
+    frozen: DvoraFrozen,
+    A: Any,
+    B: Any,
+    magnitude: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    bias: Any = None,
+    fan_in_fan_out: bool = False,
+) -> tuple[Any, AdapterShape]:
+    """The checks of :func:`dvora_forward_dense`: ``(namespace, layer sizes)``, or a specific exception.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> W = xp.ones((6, 8))
+    >>> frozen, m = dvora_precompute(W, A, 4), initial_magnitude(W)
+    >>> check_dvora_whole_layer(xp.ones((3, 8)), W, frozen, A, B, m, xp.full(4, 0.1), xp.ones(6))[1].rank
+    4
+    """
+    require_arrays(magnitude=magnitude)
+    _require_structures(frozen)
+    xp, shape = _check_whole_layer(x, weight, A, B, lambda_d, lambda_b, bias, fan_in_fan_out, {"magnitude": magnitude})
+    _check_dvora_layer(magnitude, lambda_d, frozen, bias, shape)
+    return xp, shape
+
+
 def dvora_forward_dense(
     x: Any,
     weight: Any,
@@ -865,12 +898,16 @@ def dvora_forward_dense(
     *,
     bias: Any = None,
     fan_in_fan_out: bool = False,
+    merged: bool = True,
+    check: bool = True,
 ) -> tuple[Any, DvoraSaved]:
-    """:func:`dvora_forward` through the merged weight: ``z = x (W0 + dW)^T`` in one product.
+    """:func:`dvora_forward` from the frozen weight: ``z = x (W0 + dW)^T``, through ``W'`` or factored.
 
-    Cheaper for many tokens (:func:`vera_core.dense_is_cheaper`); needs the frozen
-    weight and no dropout (16-bit activations: see :func:`vera_core.vera_forward_dense`).
-    Saves what :func:`dvora_forward` saves; use :func:`dvora_backward_dense`.
+    ``merged``: one product with ``W' = W0 + dW`` (cheaper for many tokens, see
+    :func:`vera_core.merged_passes`), else ``x W0^T + u C^T``. Needs the frozen weight and
+    no dropout (16-bit activations: see :func:`vera_core.vera_forward_dense`). Saves what
+    :func:`dvora_forward` saves; use :func:`dvora_backward_dense`. ``check=False`` skips
+    validation (see :func:`vera_core.vera_forward_dense`).
 
     Examples
     --------
@@ -885,28 +922,35 @@ def dvora_forward_dense(
     >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
     True
     """
-    require_arrays(x=x, weight=weight, A=A, B=B, magnitude=magnitude, lambda_d=lambda_d, lambda_b=lambda_b)
-    optional_arrays(bias=bias)
-    require_flags(fan_in_fan_out=fan_in_fan_out)
-    _require_structures(frozen)
-    xp, shape = lr.check_on_weight(
-        A,
-        B,
-        lambda_d,
-        lambda_b,
-        weight,
-        fan_in_fan_out,
-        activation_dtype=x.dtype,
-        extra={"x": x, "magnitude": magnitude, "bias": bias},
-    )
-    check_activations("x", x, shape.in_features, "in_features on the last axis")
-    _check_dvora_layer(magnitude, lambda_d, frozen, bias, shape)
+    require_flags(check=check)
+    if check:
+        require_flags(merged=merged)
+        xp, shape = check_dvora_whole_layer(
+            x, weight, frozen, A, B, magnitude, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out
+        )
+    else:
+        xp, shape = namespace(x), AdapterShape(lambda_d.shape[0], lambda_b.shape[0], x.shape[-1])
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    return whole_forward(xp, x, weight, bias, frozen, A_s, C, magnitude, fan_in_fan_out, merged=merged)
+
+
+def whole_forward(
+    xp: Any,
+    x: Any,
+    weight: Any,
+    bias: Any,
+    frozen: DvoraFrozen,
+    A_s: Any,
+    C: Any,
+    magnitude: Any,
+    fan_in_fan_out: bool,
+    *,
+    merged: bool,
+) -> tuple[Any, DvoraSaved]:
+    """:func:`dvora_forward_dense` from checked, sliced arguments and ``C`` (out x r): the unchecked internals."""
     norm = _gram_norm(xp, frozen, C)
-    merged = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=x.dtype)
-    z = lr.apply_weight(xp, x, merged, None, fan_in_fan_out)
-    u = lr.project(xp, x, A_s, None)
+    z, u = lr.whole_forward(xp, x, weight, None, A_s, C.T, fan_in_fan_out, merged=merged)
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
 
@@ -925,13 +969,15 @@ def dvora_backward_dense(
     detach_norm: bool = False,
     has_bias: bool = False,
     input_grad: bool = True,
+    merged: bool = True,
     check: bool = True,
 ) -> DvoraGrads:
     """Gradients of :func:`dvora_forward_dense`; ``x`` is the whole ``dL/dx`` and ``base`` is None.
 
     The vector gradients are :func:`dvora_backward`'s (they never need the weight);
-    ``dL/dx = (grad_y * m / n) (W0 + dW)``. ``check=False`` skips validation, as in
-    :func:`dvora_backward`.
+    ``dL/dx = (grad_y * m / n) (W0 + dW)``, through ``W'`` (``merged``, the scale on its
+    rows) or factored (the scale on ``grad_y``), independently of the forward's choice.
+    ``check=False`` skips validation, as in :func:`dvora_backward`.
 
     Examples
     --------
@@ -950,7 +996,7 @@ def dvora_backward_dense(
     """
     if check is True:
         require_arrays(weight=weight)
-        require_flags(fan_in_fan_out=fan_in_fan_out, input_grad=input_grad)
+        require_flags(fan_in_fan_out=fan_in_fan_out, input_grad=input_grad, merged=merged)
     xp, A_s, C, grads, scale = _shared_backward(
         grad_y,
         saved,
@@ -969,8 +1015,20 @@ def dvora_backward_dense(
     )
     if not input_grad:
         return grads
-    # (grad_y * s) (W0 + dW) as grad_y (s * (W0 + dW)): the scale goes on the smaller array
-    merged = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
+    return grads._replace(x=whole_input_grad(xp, grad_y, scale, weight, C, A_s, fan_in_fan_out, merged=merged))
+
+
+def whole_input_grad(
+    xp: Any, grad_y: Any, scale: Any, weight: Any, C: Any, A_s: Any, fan_in_fan_out: bool, *, merged: bool
+) -> Any:
+    """``dL/dx = (grad_y * s) (W0 + C A_s)`` of the whole layer, ``s = m / n`` (unchecked internals).
+
+    Through ``W'`` (``merged``: the scale on its rows, the smaller array there) or
+    factored (the scale on ``grad_y``).
+    """
     scale = lr.cast(xp, scale, grad_y.dtype)
-    scaled = merged * (scale[None, :] if fan_in_fan_out else scale[:, None])
-    return grads._replace(x=lr.weight_input_grad(xp, grad_y, scaled, fan_in_fan_out))
+    if not merged:
+        return lr.whole_input_grad(xp, grad_y * scale, weight, C.T, A_s, fan_in_fan_out, merged=False)
+    shifted = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
+    scaled = shifted * (scale[None, :] if fan_in_fan_out else scale[:, None])
+    return lr.weight_input_grad(xp, grad_y, scaled, fan_in_fan_out)

@@ -296,39 +296,117 @@ def unmerge(
 
 
 DENSE_MIN_SAVING = 1 << 20
-"""Multiply-adds the dense formulation must save to be taken: below this the work is small
-enough that its fixed costs (an extra pass's dispatch, a weight-sized temporary) decide."""
+"""Multiply-adds a merged forward must save to be taken: it costs as many operators as the
+factored one plus a weight-sized temporary, so below this the fixed costs decide."""
 
 
-def dense_is_cheaper(tokens: int, in_features: int, out_features: int, rank: int, *, backward: bool = True) -> bool:
-    """Whether the dense formulation (:func:`vera_forward_dense`) saves work worth taking.
+class MergedPasses(NamedTuple):
+    """Which passes of a layer with its frozen weight at hand go through ``W' = W0 + C A_s``."""
 
-    Factored: ``u = x A^T``, ``u C^T`` (and in backward ``grad_y^T u``, ``grad_y C``,
-    ``(grad_y C) A``) cost ``T r (2 in + 3 out)``, or ``T r (in + out)`` without
-    backward. Dense: ``W' = W0 + C A`` once per pass (``out r in``), ``u = x A^T``
-    and, in backward, ``grad_y^T u``; the product with ``W'`` replaces the frozen
-    layer's own and costs nothing extra. The dense form is taken when it saves at least
-    :data:`DENSE_MIN_SAVING` multiply-adds.
+    forward: bool
+    """``x W'^T`` instead of ``x W0^T + u C^T``."""
+    backward: bool
+    """``dL/dx = grad_y W'`` instead of ``grad_y W0 + (grad_y C) A_s``."""
+
+
+def merged_passes(tokens: int, in_features: int, out_features: int, rank: int) -> MergedPasses:
+    """Choose, per pass, between the factored form and the merged weight ``W' = W0 + C A_s``.
+
+    Both forms compute ``u = x A_s^T`` (and, in backward, ``grad_y^T u``); they differ in
+    the rest. Forward: ``u C^T`` costs ``T r out`` multiply-adds, ``W'`` costs ``out r in``
+    (the product with ``W'`` replaces the frozen layer's own) in as many operators, so the
+    merged forward is taken when it saves :data:`DENSE_MIN_SAVING`. Backward: ``(grad_y C)
+    A_s`` costs ``T r (in + out)`` in two products beside ``grad_y W0``, ``grad_y W'`` costs
+    ``out r in`` in one product fewer, so the merged input gradient is taken whenever it
+    costs no more multiply-adds: many tokens, and tiny layers, where the operators decide.
+
+    Parameters
+    ----------
+    tokens : int
+        Rows of the activations (every leading axis).
+    in_features, out_features, rank : int
+        The layer.
+
+    Returns
+    -------
+    MergedPasses
 
     Examples
     --------
-    >>> dense_is_cheaper(2048, 1024, 1024, 256), dense_is_cheaper(16, 1024, 1024, 256)
-    (True, False)
-    >>> dense_is_cheaper(64, 32, 32, 8)  # fewer multiply-adds, but too few to matter
-    False
+    >>> merged_passes(2048, 1024, 1024, 256)
+    MergedPasses(forward=True, backward=True)
+    >>> merged_passes(16, 1024, 1024, 256)
+    MergedPasses(forward=False, backward=False)
+    >>> merged_passes(64, 32, 32, 8)  # one product fewer in backward; forward saves too little
+    MergedPasses(forward=False, backward=True)
     """
-    require_flags(backward=backward)
     check_positive_int("in_features", in_features)
     check_positive_int("out_features", out_features)
     check_positive_int("rank", rank)
     if not isinstance(tokens, int) or isinstance(tokens, bool) or tokens < 0:
         raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
-    passes = 2 if backward else 1
-    factored = tokens * rank * ((2 * in_features + 3 * out_features) if backward else (in_features + out_features))
-    dense = passes * out_features * rank * in_features + tokens * rank * (
-        in_features + (out_features if backward else 0)
+    merge_cost = out_features * rank * in_features
+    forward = tokens * rank * out_features - merge_cost >= DENSE_MIN_SAVING
+    backward = tokens > 0 and merge_cost <= tokens * rank * (in_features + out_features)
+    return MergedPasses(forward, backward)
+
+
+def check_whole_layer(
+    x: Any,
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    *,
+    bias: Any = None,
+    fan_in_fan_out: bool = False,
+) -> tuple[Any, lr.AdapterShape]:
+    """The checks of :func:`vera_forward_dense`: ``(namespace, layer sizes)``, or a specific exception.
+
+    For a framework's own node of the whole layer that checks its arguments once and then
+    calls the unchecked internals.
+
+    Examples
+    --------
+    >>> import numpy as xp
+    >>> from vera_core import generate_projections
+    >>> A, B = generate_projections(0, r=4, max_in=8, max_out=6, xp=xp)
+    >>> check_whole_layer(xp.ones((3, 8)), xp.ones((6, 8)), A, B, xp.full(4, 0.1), xp.ones(6))[1]
+    AdapterShape(rank=4, out_features=6, in_features=8)
+    """
+    return _check_whole_layer(x, weight, A, B, lambda_d, lambda_b, bias, fan_in_fan_out, {})
+
+
+def _check_whole_layer(
+    x: Any,
+    weight: Any,
+    A: Any,
+    B: Any,
+    lambda_d: Any,
+    lambda_b: Any,
+    bias: Any,
+    fan_in_fan_out: bool,
+    extra: dict[str, Any],
+) -> tuple[Any, lr.AdapterShape]:
+    """:func:`check_whole_layer`, with ``extra`` arrays checked for namespace and device alongside."""
+    require_arrays(x=x, weight=weight, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
+    optional_arrays(bias=bias)
+    require_flags(fan_in_fan_out=fan_in_fan_out)
+    xp, shape = lr.check_on_weight(
+        A,
+        B,
+        lambda_d,
+        lambda_b,
+        weight,
+        fan_in_fan_out,
+        activation_dtype=x.dtype,
+        extra={"x": x, "bias": bias, **extra},
     )
-    return factored - dense >= DENSE_MIN_SAVING
+    check_activations("x", x, shape.in_features, "in_features on the last axis")
+    if bias is not None:
+        check_same_shape("bias", bias, (shape.out_features,), "(out_features,)")
+    return xp, shape
 
 
 def vera_forward_dense(
@@ -341,14 +419,33 @@ def vera_forward_dense(
     *,
     bias: Any = None,
     fan_in_fan_out: bool = False,
+    merged: bool = True,
+    check: bool = True,
 ) -> tuple[Any, Any]:
-    """The whole adapted layer ``x (W0 + delta W)^T + bias`` through the merged weight.
+    """The whole adapted layer ``x (W0 + delta W)^T + bias``, from the frozen weight.
 
-    Equal to ``vera_forward(x, ..., base=linear(x, W0, bias))`` up to rounding, and
-    cheaper when :func:`dense_is_cheaper` says so (many tokens). Needs the frozen weight
-    (not for quantised bases) and no dropout (the base path would see the dropped input).
-    With 16-bit activations ``W0 + dW`` is rounded to their dtype once (see
+    Equal to ``vera_forward(x, ..., base=linear(x, W0, bias))`` up to rounding. With
+    ``merged`` it forms ``W' = W0 + C A_s`` and needs one product with it (cheaper for
+    many tokens, see :func:`merged_passes`), else it adds ``u C^T`` to ``x W0^T``. Needs
+    the frozen weight (not for quantised bases) and no dropout (the base path would see
+    the dropped input). With 16-bit activations ``W'`` is rounded to their dtype once (see
     ``docs/concepts.md``): as accurate as the factored form, whose output is rounded too.
+
+    Parameters
+    ----------
+    x : array, shape (..., in)
+    weight : array
+        The frozen weight, (out, in) or (in, out) with ``fan_in_fan_out``.
+    A, B, lambda_d, lambda_b : array
+        As in :func:`vera_forward`.
+    bias : array, shape (out,), optional
+    fan_in_fan_out : bool
+        The weight is stored transposed.
+    merged : bool
+        Go through ``W'`` (default) or the factored form.
+    check : bool
+        Validate the arguments (default). A caller that checked them once and holds them
+        unchanged (an autograd Function's hot path) may skip it.
 
     Returns
     -------
@@ -367,20 +464,19 @@ def vera_forward_dense(
     >>> reference, _ = vera_forward(x, A, B, d, b, base=linear(x, W))
     >>> bool(xp.max(xp.abs(y - reference)) < 1e-12)
     True
+    >>> factored, _ = vera_forward_dense(x, W, A, B, d, b, merged=False)
+    >>> bool(xp.max(xp.abs(factored - reference)) < 1e-12)
+    True
     """
-    require_arrays(x=x, weight=weight, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
-    optional_arrays(bias=bias)
-    require_flags(fan_in_fan_out=fan_in_fan_out)
-    xp, shape = lr.check_on_weight(
-        A, B, lambda_d, lambda_b, weight, fan_in_fan_out, activation_dtype=x.dtype, extra={"x": x, "bias": bias}
-    )
-    check_activations("x", x, shape.in_features, "in_features on the last axis")
-    if bias is not None:
-        check_same_shape("bias", bias, (shape.out_features,), "(out_features,)")
+    require_flags(check=check)
+    if check:
+        require_flags(merged=merged)
+        xp, shape = check_whole_layer(x, weight, A, B, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    else:
+        xp, shape = namespace(x), lr.AdapterShape(lambda_d.shape[0], lambda_b.shape[0], x.shape[-1])
     A_s, B_s = lr.layer_slices(A, B, shape)
-    merged = lr.shifted_weight(xp, weight, lr.fold(xp, B_s, lambda_d, lambda_b), A_s, fan_in_fan_out, dtype=x.dtype)
-    y = lr.apply_weight(xp, x, merged, bias, fan_in_fan_out)
-    return y, lr.project(xp, x, A_s, None)
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    return lr.whole_forward(xp, x, weight, bias, A_s, C.T, fan_in_fan_out, merged=merged)
 
 
 def vera_backward_dense(
@@ -394,11 +490,14 @@ def vera_backward_dense(
     *,
     fan_in_fan_out: bool = False,
     input_grad: bool = True,
+    merged: bool = True,
     check: bool = True,
 ) -> VeraGrads:
     """Gradients of :func:`vera_forward_dense`; ``x`` is the *whole* ``dL/dx`` (base included).
 
-    ``check=False`` skips validation, as in :func:`vera_backward`.
+    ``merged``: ``dL/dx = grad_y W'`` (default) or ``grad_y W0 + (grad_y C) A_s`` (see
+    :func:`merged_passes`); the choice is independent of the forward's. ``check=False``
+    skips validation, as in :func:`vera_backward`.
 
     Examples
     --------
@@ -412,11 +511,14 @@ def vera_backward_dense(
     >>> factored = vera_backward(g, u, A, B, d, b, in_features=8)
     >>> bool(xp.max(xp.abs(dense.x - (factored.x + linear_input_grad(g, W)))) < 1e-12)
     True
+    >>> split = vera_backward_dense(g, u, W, A, B, d, b, merged=False)
+    >>> bool(xp.max(xp.abs(split.x - dense.x)) < 1e-12)
+    True
     """
     require_flags(check=check)
     if check:
         require_arrays(grad_y=grad_y, u=u, weight=weight, A=A, B=B, lambda_d=lambda_d, lambda_b=lambda_b)
-        require_flags(fan_in_fan_out=fan_in_fan_out, input_grad=input_grad)
+        require_flags(fan_in_fan_out=fan_in_fan_out, input_grad=input_grad, merged=merged)
     in_features = lr.weight_shape(weight, fan_in_fan_out)[1]
     xp, shape = lr.backward_arguments(
         grad_y, u, A, B, lambda_d, lambda_b, in_features, check=check, weight=weight, fan_in_fan_out=fan_in_fan_out
@@ -427,8 +529,7 @@ def vera_backward_dense(
     grad_x = None
     if input_grad:
         C = lr.fold(xp, B_s, lambda_d, lambda_b)
-        merged = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
-        grad_x = lr.weight_input_grad(xp, grad_y, merged, fan_in_fan_out)
+        grad_x = lr.whole_input_grad(xp, grad_y, weight, C.T, A_s, fan_in_fan_out, merged=merged)
     return VeraGrads(grad_x, grad_d, grad_b)
 
 

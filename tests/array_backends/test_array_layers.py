@@ -61,13 +61,23 @@ def test_linear_gradients(xp: Any, fan_in_fan_out: bool) -> None:
     check_gradients(xp, layer, randn(xp, rng, 2, 3, 6), rng)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["factored", "merged-weight"])
+PASSES = pytest.mark.parametrize(
+    "passes", [(False, False), (True, True), (False, True)], ids=["factored", "merged-weight", "merged-backward"]
+)
+
+
+@PASSES
 @pytest.mark.parametrize(("fan_in_fan_out", "train_bias", "rank"), [(False, False, R), (True, True, 3)])
 def test_vera_gradients(
-    xp: Any, fan_in_fan_out: bool, train_bias: bool, rank: int, dense: bool, monkeypatch: pytest.MonkeyPatch
+    xp: Any,
+    fan_in_fan_out: bool,
+    train_bias: bool,
+    rank: int,
+    passes: tuple[bool, bool],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Both formulations of VeraLinear (the layer picks by cost; here forced) against finite differences."""
-    monkeypatch.setattr(vc, "dense_is_cheaper", lambda *args, **kwargs: dense)
+    """Every formulation of VeraLinear (the layer picks per pass by cost; here forced) against finite differences."""
+    monkeypatch.setattr(vc, "merged_passes", lambda *args, **kwargs: vc.MergedPasses(*passes))
     rng = np.random.default_rng(1)
     A, B = projections(xp)
     weight = randn(xp, rng, *((5, 4) if fan_in_fan_out else (4, 5)))
@@ -78,13 +88,13 @@ def test_vera_gradients(
     check_gradients(xp, layer, randn(xp, rng, 3, 5), rng)
 
 
-@pytest.mark.parametrize("dense", [False, True], ids=["factored", "merged-weight"])
+@PASSES
 @pytest.mark.parametrize(("fan_in_fan_out", "train_bias"), [(False, True), (True, False)])
 def test_dvora_gradients(
-    xp: Any, fan_in_fan_out: bool, train_bias: bool, dense: bool, monkeypatch: pytest.MonkeyPatch
+    xp: Any, fan_in_fan_out: bool, train_bias: bool, passes: tuple[bool, bool], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Both formulations of DVoraLinear (forced here) against finite differences."""
-    monkeypatch.setattr(vc, "dense_is_cheaper", lambda *args, **kwargs: dense)
+    """Every formulation of DVoraLinear (forced here) against finite differences."""
+    monkeypatch.setattr(vc, "merged_passes", lambda *args, **kwargs: vc.MergedPasses(*passes))
     rng = np.random.default_rng(2)
     A, B = projections(xp)
     weight = randn(xp, rng, *((6, 5) if fan_in_fan_out else (5, 6)))

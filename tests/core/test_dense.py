@@ -116,18 +116,43 @@ def test_dense_16_bit_is_as_accurate_as_factored(xp: Any, device: Any, half_name
 
 
 @pytest.mark.parametrize(
-    ("tokens", "in_features", "out_features", "rank", "backward", "expected"),
+    ("tokens", "in_features", "out_features", "rank", "expected"),
     [
-        (2048, 1024, 1024, 256, True, True),
-        (8192, 4096, 4096, 256, True, True),
-        (1, 4096, 4096, 256, False, False),
-        (16, 1024, 1024, 256, True, False),
+        (2048, 1024, 1024, 256, (True, True)),
+        (8192, 4096, 4096, 256, (True, True)),
+        (1, 4096, 4096, 256, (False, False)),
+        (16, 1024, 1024, 256, (False, False)),
+        (64, 32, 32, 8, (False, True)),  # forward saves 8,192 multiply-adds; backward one product
+        (0, 8, 8, 2, (False, False)),
+        # backward: out*in <= T*(in + out) from T = 512; forward: T*r*out - out*r*in >= 2**20 from T = 1028
+        (511, 1024, 1024, 256, (False, False)),
+        (512, 1024, 1024, 256, (False, True)),
+        (1027, 1024, 1024, 256, (False, True)),
+        (1028, 1024, 1024, 256, (True, True)),
     ],
 )
-def test_dense_is_cheaper_counts_multiply_adds(
-    tokens: int, in_features: int, out_features: int, rank: int, backward: bool, expected: bool
+def test_merged_passes_counts_multiply_adds(
+    tokens: int, in_features: int, out_features: int, rank: int, expected: tuple[bool, bool]
 ) -> None:
-    assert vc.dense_is_cheaper(tokens, in_features, out_features, rank, backward=backward) is expected
+    assert vc.merged_passes(tokens, in_features, out_features, rank) == expected
+
+
+@pytest.mark.parametrize("passes", [(False, False), (False, True), (True, False)])
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+@pytest.mark.parametrize("dtype_name", dtypes("float64"))
+def test_every_pass_choice_gives_the_same_layer(
+    xp: Any, device: Any, dtype_name: str, fan_in_fan_out: bool, passes: Any
+) -> None:
+    """Each (forward, backward) choice equals the fully merged one in float64 (and so the factored reference)."""
+    p = _problem(xp, device, getattr(xp, dtype_name), fan_in_fan_out)
+    flip = {"fan_in_fan_out": fan_in_fan_out}
+    vectors = (p["A"], p["B"], p["lambda_d"], p["lambda_b"])
+    y_ref, u = vc.vera_forward_dense(p["x"], p["weight"], *vectors, bias=p["bias"], **flip)
+    ref = vc.vera_backward_dense(p["grad_y"], u, p["weight"], *vectors, **flip)
+    y, u = vc.vera_forward_dense(p["x"], p["weight"], *vectors, bias=p["bias"], merged=passes[0], **flip)
+    got = vc.vera_backward_dense(p["grad_y"], u, p["weight"], *vectors, merged=passes[1], **flip)
+    for a, b in ((y, y_ref), (got.x, ref.x), (got.lambda_d, ref.lambda_d), (got.lambda_b, ref.lambda_b)):
+        assert float(xp.max(xp.abs(a - b))) <= 1e-12 * (1 + float(xp.max(xp.abs(b))))
 
 
 @pytest.mark.parametrize("detach_norm", [False, True])

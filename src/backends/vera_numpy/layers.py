@@ -281,7 +281,7 @@ class AdaptedLinear(Layer):
         if train_bias:
             self._params["bias"] = self.bias
         self._mask: Any = None
-        self._dense = False  # whether the last forward took the merged-weight formulation
+        self._dense: vc.MergedPasses | None = None  # the last forward's passes on the weight (None: with dropout)
 
     @property
     def lambda_d(self) -> Any:
@@ -300,12 +300,12 @@ class AdaptedLinear(Layer):
         self._draws += 1
         return dropout_mask(self.xp, x, self.dropout, self.seed * 2**32 + self._draws - 1)
 
-    def _use_dense(self, x: Any) -> bool:
-        """The merged-weight formulation where it is valid (no dropout) and cheaper."""
+    def _use_dense(self, x: Any) -> vc.MergedPasses | None:
+        """Without dropout: the whole layer from its weight, each pass merged where cheaper; None with dropout."""
         if self._mask is not None:
-            return False
+            return None
         tokens = math.prod(x.shape[:-1])
-        return vc.dense_is_cheaper(tokens, self.in_features, self.out_features, self.lambda_d.shape[0])
+        return vc.merged_passes(tokens, self.in_features, self.out_features, self.lambda_d.shape[0])
 
     def _base_input_grad(self, grad_base: Any, adapter_grad_x: Any) -> Any:
         return vc.linear_input_grad(grad_base, self.weight, fan_in_fan_out=self.fan_in_fan_out) + adapter_grad_x
@@ -353,7 +353,7 @@ class VeraLinear(AdaptedLinear):
     def forward(self, x: Any) -> Any:
         self._mask = self._dropout_mask(x)
         self._dense = self._use_dense(x)
-        if self._dense:
+        if self._dense is not None:
             y, self._u = vc.vera_forward_dense(
                 x,
                 self.weight,
@@ -363,6 +363,7 @@ class VeraLinear(AdaptedLinear):
                 self.lambda_b,
                 bias=self.bias,
                 fan_in_fan_out=self.fan_in_fan_out,
+                merged=self._dense.forward,
             )
             return y
         base = vc.linear(x, self.weight, self.bias, fan_in_fan_out=self.fan_in_fan_out)
@@ -373,7 +374,7 @@ class VeraLinear(AdaptedLinear):
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
         u = self._saved(self._u)
-        if self._dense:
+        if self._dense is not None:
             grads = vc.vera_backward_dense(
                 grad_y,
                 u,
@@ -384,6 +385,7 @@ class VeraLinear(AdaptedLinear):
                 self.lambda_b,
                 fan_in_fan_out=self.fan_in_fan_out,
                 input_grad=input_grad,
+                merged=self._dense.backward,
             )
         else:
             grads = vc.vera_backward(
@@ -403,7 +405,7 @@ class VeraLinear(AdaptedLinear):
             self._accumulate("bias", _token_sum(self.xp, grad_y, self.vector_dtype))
         if not input_grad:
             return None
-        return grads.x if self._dense else self._base_input_grad(grad_y, grads.x)
+        return grads.x if self._dense is not None else self._base_input_grad(grad_y, grads.x)
 
 
 class DVoraLinear(AdaptedLinear):
@@ -470,7 +472,7 @@ class DVoraLinear(AdaptedLinear):
     def forward(self, x: Any) -> Any:
         self._mask = self._dropout_mask(x)
         self._dense = self._use_dense(x)
-        if self._dense:
+        if self._dense is not None:
             y, self._state = vc.dvora_forward_dense(
                 x,
                 self.weight,
@@ -482,6 +484,7 @@ class DVoraLinear(AdaptedLinear):
                 self.lambda_b,
                 bias=self.bias,
                 fan_in_fan_out=self.fan_in_fan_out,
+                merged=self._dense.forward,
             )
             return y
         base = vc.linear(x, self.weight, fan_in_fan_out=self.fan_in_fan_out)
@@ -501,7 +504,7 @@ class DVoraLinear(AdaptedLinear):
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
         saved = self._saved(self._state)
-        if self._dense:
+        if self._dense is not None:
             grads = vc.dvora_backward_dense(
                 grad_y,
                 saved,
@@ -516,6 +519,7 @@ class DVoraLinear(AdaptedLinear):
                 detach_norm=self.detach_norm,
                 has_bias=self.train_bias,
                 input_grad=input_grad,
+                merged=self._dense.backward,
             )
         else:
             grads = vc.dvora_backward(
@@ -540,4 +544,4 @@ class DVoraLinear(AdaptedLinear):
             self._accumulate("bias", grads.bias)
         if not input_grad:
             return None
-        return grads.x if self._dense else self._base_input_grad(grads.base, grads.x)
+        return grads.x if self._dense is not None else self._base_input_grad(grads.base, grads.x)

@@ -18,18 +18,21 @@ autograd and receives its gradient from the Function's backward.
 from __future__ import annotations
 
 import torch
+from array_api_compat import torch as xp
 
 import vera_core as vc
+from vera_core import _lowrank as lr
+from vera_core import dvora as dvora_internals
 
 __all__ = [
-    "DvoraDenseFunction",
     "DvoraFunction",
-    "VeraDenseFunction",
+    "DvoraLinearFunction",
     "VeraFunction",
+    "VeraLinearFunction",
     "dvora",
-    "dvora_dense",
+    "dvora_linear",
     "vera",
-    "vera_dense",
+    "vera_linear",
 ]
 
 
@@ -72,45 +75,44 @@ class VeraFunction(torch.autograd.Function):
         return grad_base, grads.x, None, None, grads.lambda_d, grads.lambda_b, None
 
 
-class VeraDenseFunction(torch.autograd.Function):
-    """The whole adapted layer ``x (W0 + dW)^T + bias`` through the merged weight.
+class VeraLinearFunction(torch.autograd.Function):
+    """The whole adapted layer ``x (W0 + dW)^T + bias`` as one autograd node, from the frozen weight.
 
-    :func:`vera_core.vera_forward_dense` / :func:`vera_core.vera_backward_dense`: for many
-    tokens it needs fewer multiply-adds than the factored form (see
-    :func:`vera_core.dense_is_cheaper`), and it saves the same ``u`` (tokens x r); the
-    merged weight is rebuilt in backward, not kept. Inputs: ``x``, ``weight`` and
-    ``bias`` (frozen), ``A``, ``B``, ``lambda_d``, ``lambda_b``, ``fan_in_fan_out``.
+    The unchecked internals of :func:`vera_core.vera_forward_dense` /
+    :func:`vera_core.vera_backward_dense` (``vera_core._lowrank.whole_forward``,
+    ``whole_input_grad``), each pass through the merged weight or factored as ``merged``
+    (forward, backward) says (see :func:`vera_core.merged_passes`). It saves ``u``
+    (tokens x r) and ``C^T`` (r x out), never a merged weight (rebuilt in backward when
+    needed), and computes the frozen layer's share of ``dL/dx`` itself.
+
+    Inputs: ``x``; ``weight`` (frozen) and ``bias`` (trained or not); ``A_s`` (r x in) in the dtype of
+    ``x``; ``B_s`` (out x r) in the vectors' dtype; ``lambda_d`` (1, r) and ``lambda_b``
+    (1, out) (a bank's rows); ``fan_in_fan_out``; ``merged``. The caller checked them
+    (:func:`vera_linear`, or a layer when its adapters changed).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A, B, lambda_d, lambda_b, fan_in_fan_out):
-        ctx.vector_shapes = (lambda_d.shape, lambda_b.shape)
-        lambda_d, lambda_b = _flat(lambda_d), _flat(lambda_b)
-        y, u = vc.vera_forward_dense(x, weight, A, B, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out)
-        ctx.save_for_backward(u, weight, A, B, lambda_d, lambda_b)
-        ctx.fan_in_fan_out = fan_in_fan_out
+    def forward(ctx, x, weight, bias, A_s, B_s, lambda_d, lambda_b, fan_in_fan_out, merged):
+        C_t = lr.fold_row_t(xp, B_s.T, lambda_d, lambda_b)
+        y, u = lr.whole_forward(xp, x, weight, bias, A_s, C_t, fan_in_fan_out, merged=merged[0])
+        ctx.save_for_backward(u, C_t, weight, A_s, B_s, lambda_d, lambda_b)
+        ctx.fan_in_fan_out, ctx.merged_backward = fan_in_fan_out, merged[1]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, weight, A, B, lambda_d, lambda_b = ctx.saved_tensors
-        grads = vc.vera_backward_dense(
-            grad_y,
-            u,
-            weight,
-            A,
-            B,
-            lambda_d,
-            lambda_b,
-            fan_in_fan_out=ctx.fan_in_fan_out,
-            input_grad=ctx.needs_input_grad[0],
-            check=False,
-        )
-        d_shape, b_shape = ctx.vector_shapes
-        return grads.x, None, None, None, None, grads.lambda_d.view(d_shape), grads.lambda_b.view(b_shape), None
+        u, C_t, weight, A_s, B_s, lambda_d, lambda_b = ctx.saved_tensors
+        grad_d, grad_b = lr.vector_grads(xp, lr.token_gram(xp, grad_y, u, lambda_d.dtype), B_s, lambda_d, lambda_b)
+        needs = ctx.needs_input_grad
+        grad_x = grad_bias = None
+        if needs[0]:
+            grad_x = lr.whole_input_grad(xp, grad_y, weight, C_t, A_s, ctx.fan_in_fan_out, merged=ctx.merged_backward)
+        if needs[2]:
+            grad_bias = xp.sum(lr.flatten_tokens(xp, grad_y), axis=0, dtype=lambda_d.dtype)
+        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None
 
 
-def vera_dense(
+def vera_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -120,8 +122,13 @@ def vera_dense(
     lambda_b: torch.Tensor,
     *,
     fan_in_fan_out: bool = False,
+    merged: tuple[bool, bool] = (True, True),
 ) -> torch.Tensor:
-    """Differentiable ``x (W0 + dW)^T + bias`` (frozen ``weight`` and ``bias``, float32 or wider).
+    """Differentiable ``x (W0 + dW)^T + bias`` (frozen ``weight``), no dropout.
+
+    Checks its arguments (:func:`vera_core.check_whole_layer`), then runs
+    :class:`VeraLinearFunction`. ``merged``: (forward, backward) through ``W0 + dW``, e.g.
+    from :func:`vera_core.merged_passes`.
 
     Examples
     --------
@@ -130,11 +137,23 @@ def vera_dense(
     >>> A, B = vc.generate_projections(0, 4, 8, 6, xp=xp)
     >>> x, W = torch.randn(3, 8), torch.randn(6, 8)
     >>> d, b = torch.full((4,), 0.1), torch.ones(6, requires_grad=True)
-    >>> y = vera_dense(x, W, None, A, B, d, b)
+    >>> y = vera_linear(x, W, None, A, B, d, b, merged=vc.merged_passes(3, 8, 6, 4))
     >>> bool(torch.allclose(y, vera(x @ W.T, x, A, B, d, b), atol=1e-5))
     True
     """
-    return VeraDenseFunction.apply(x, weight, bias, A, B, lambda_d, lambda_b, fan_in_fan_out)
+    _, shape = vc.check_whole_layer(x, weight, A, B, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    return VeraLinearFunction.apply(
+        x,
+        weight,
+        bias,
+        lr.cast(xp, A_s, x.dtype),
+        B_s,
+        lambda_d[None, :],
+        lambda_b[None, :],
+        fan_in_fan_out,
+        tuple(merged),
+    )
 
 
 def vera(
@@ -330,13 +349,16 @@ def dvora(
     )
 
 
-class DvoraDenseFunction(torch.autograd.Function):
-    """DVoRA through the merged weight (:func:`vera_core.dvora_forward_dense`), for many tokens.
+class DvoraLinearFunction(torch.autograd.Function):
+    """DVoRA's whole layer from the frozen weight as one autograd node.
 
-    Inputs: ``x``; the frozen ``weight``; ``bias`` or None (trained or not); the three
-    :class:`vera_core.DvoraFrozen` tensors; ``A``; ``B``; ``magnitude``; ``lambda_d``;
-    ``lambda_b``; ``fan_in_fan_out``; ``detach_norm``. Saves ``u``, ``z`` and the norms,
-    as the factored Function does; the merged weight is rebuilt in backward.
+    The unchecked internals of :func:`vera_core.dvora_forward_dense` /
+    :func:`vera_core.dvora_backward_dense`, each pass through the merged weight or
+    factored as ``merged`` (forward, backward) says. Inputs: ``x``; the frozen ``weight``;
+    ``bias`` or None (trained or not); the three :class:`vera_core.DvoraFrozen` tensors;
+    ``A_s`` and ``B_s`` as in :class:`VeraLinearFunction`; ``magnitude``, ``lambda_d``,
+    ``lambda_b`` as (1, n) rows; ``fan_in_fan_out``; ``detach_norm``; ``merged``. Saves
+    ``u``, ``z`` and the norms; a merged weight is rebuilt in backward.
     """
 
     @staticmethod
@@ -348,60 +370,51 @@ class DvoraDenseFunction(torch.autograd.Function):
         weight_sq_norm,
         weight_proj,
         gram,
-        A,
-        B,
+        A_s,
+        B_s,
         magnitude,
         lambda_d,
         lambda_b,
         fan_in_fan_out,
         detach_norm,
+        merged,
     ):
-        ctx.vector_shapes = (magnitude.shape, lambda_d.shape, lambda_b.shape)
-        magnitude, lambda_d, lambda_b = _flat(magnitude), _flat(lambda_d), _flat(lambda_b)
+        magnitude, lambda_d, lambda_b = magnitude[0], lambda_d[0], lambda_b[0]
         frozen = vc.DvoraFrozen(weight_sq_norm, weight_proj, gram)
-        y, saved = vc.dvora_forward_dense(
-            x, weight, frozen, A, B, magnitude, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out
+        C = lr.fold(xp, B_s, lambda_d, lambda_b)
+        y, saved = dvora_internals.whole_forward(
+            xp, x, weight, bias, frozen, A_s, C, magnitude, fan_in_fan_out, merged=merged[0]
         )
-        ctx.save_for_backward(
-            saved.u,
-            saved.z,
-            saved.norm,
-            weight,
-            weight_sq_norm,
-            weight_proj,
-            gram,
-            A,
-            B,
-            magnitude,
-            lambda_d,
-            lambda_b,
-        )
+        ctx.save_for_backward(*saved, C, weight, *frozen, A_s, B_s, magnitude, lambda_d, lambda_b)
         ctx.fan_in_fan_out, ctx.detach_norm, ctx.has_bias = fan_in_fan_out, bool(detach_norm), bias is not None
+        ctx.merged_backward = merged[1]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, z, norm, weight, sq, proj, gram, A, B, magnitude, lambda_d, lambda_b = ctx.saved_tensors
+        u, z, norm, C, weight, sq, proj, gram, A_s, B_s, magnitude, lambda_d, lambda_b = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        grads = vc.dvora_backward_dense(
+        frozen = vc.DvoraFrozen(sq, proj, gram)
+        grads, scale = dvora_internals.vector_grads(
+            xp,
             grad_y,
             vc.DvoraSaved(u, z, norm),
-            vc.DvoraFrozen(sq, proj, gram),
-            weight,
-            A,
-            B,
+            frozen,
+            B_s,
+            C,
             magnitude,
             lambda_d,
             lambda_b,
-            fan_in_fan_out=ctx.fan_in_fan_out,
             detach_norm=ctx.detach_norm,
             has_bias=ctx.has_bias and needs[2],
-            input_grad=needs[0],
-            check=False,
         )
-        m_shape, d_shape, b_shape = ctx.vector_shapes
+        grad_x = None
+        if needs[0]:
+            grad_x = dvora_internals.whole_input_grad(
+                xp, grad_y, scale, weight, C, A_s, ctx.fan_in_fan_out, merged=ctx.merged_backward
+            )
         return (
-            grads.x,
+            grad_x,
             None,
             grads.bias,
             None,
@@ -409,15 +422,16 @@ class DvoraDenseFunction(torch.autograd.Function):
             None,
             None,
             None,
-            grads.magnitude.view(m_shape),
-            grads.lambda_d.view(d_shape),
-            grads.lambda_b.view(b_shape),
+            grads.magnitude[None, :],
+            grads.lambda_d[None, :],
+            grads.lambda_b[None, :],
+            None,
             None,
             None,
         )
 
 
-def dvora_dense(
+def dvora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
@@ -430,8 +444,12 @@ def dvora_dense(
     *,
     fan_in_fan_out: bool = False,
     detach_norm: bool = False,
+    merged: tuple[bool, bool] = (True, True),
 ) -> torch.Tensor:
-    """Differentiable DVoRA output through the merged weight (float32 or wider, no dropout).
+    """Differentiable DVoRA output from the frozen weight, no dropout.
+
+    Checks its arguments (:func:`vera_core.check_dvora_whole_layer`), then runs
+    :class:`DvoraLinearFunction`; ``merged`` as in :func:`vera_linear`.
 
     Examples
     --------
@@ -441,10 +459,15 @@ def dvora_dense(
     >>> x, W = torch.randn(3, 8), torch.randn(6, 8)
     >>> frozen, m = vc.dvora_precompute(W, A, 4), vc.initial_magnitude(W).requires_grad_(True)
     >>> d, b = torch.full((4,), 0.1), torch.ones(6)
-    >>> y = dvora_dense(x, W, None, frozen, A, B, m, d, b)
+    >>> y = dvora_linear(x, W, None, frozen, A, B, m, d, b, merged=(False, True))
     >>> bool(torch.allclose(y, dvora(x @ W.T, x, frozen, A, B, m, d, b), atol=1e-5))
     True
     """
-    return DvoraDenseFunction.apply(
-        x, weight, bias, *frozen, A, B, magnitude, lambda_d, lambda_b, fan_in_fan_out, detach_norm
+    _, shape = vc.check_dvora_whole_layer(
+        x, weight, frozen, A, B, magnitude, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out
+    )
+    A_s, B_s = lr.layer_slices(A, B, shape)
+    rows = (magnitude[None, :], lambda_d[None, :], lambda_b[None, :])
+    return DvoraLinearFunction.apply(
+        x, weight, bias, *frozen, lr.cast(xp, A_s, x.dtype), B_s, *rows, fan_in_fan_out, detach_norm, tuple(merged)
     )

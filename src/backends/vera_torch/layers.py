@@ -33,7 +33,7 @@ from vera_core.dvora import _gram_norm, _scaled
 from vera_core.slots import SlotTable
 from vera_torch import quantized
 from vera_torch.bank import DVORA, VERA, AdapterBank
-from vera_torch.functional import dvora_dense, vera_dense
+from vera_torch.functional import DvoraLinearFunction, VeraLinearFunction
 from vera_torch.projections import ProjectionKey, ProjectionStore
 
 __all__ = [
@@ -194,17 +194,24 @@ class _Step:
         default_factory=dict
     )
     """``(A_s^T, B_s^T, A_s, B_s)`` per compute dtype and device: A in the compute dtype, B in the vectors'."""
-    dense: dict[tuple[Any, ...], bool] = dataclasses.field(default_factory=dict)
-    """Whether the merged-weight path pays, per input shape, dtype and mode."""
+    merged_from: tuple[int, int] = (0, 0)
+    """Tokens from which the forward and the backward go through the merged weight (:func:`vera_core.merged_passes`)."""
+
+    def merged(self, x: torch.Tensor, in_features: int) -> tuple[bool, bool]:
+        """(forward, backward) through the merged weight for the activations ``x``."""
+        tokens = x.numel() // in_features
+        return tokens >= self.merged_from[0], tokens >= self.merged_from[1]
 
 
 @dataclasses.dataclass(frozen=True)
 class _Fast:
-    """The common step precomputed: one VeRA adapter, a plain ``nn.Linear`` base, no dropout, inputs in
-    the compute dtype (no autocast, or autocast to the dtype the model already has).
+    """The common step precomputed: one adapter on a plain frozen base through :class:`VeraLinearFunction`
+    or :class:`DvoraLinearFunction`, a one-row bank, no dropout or own bias, inputs in the compute dtype
+    (no autocast, or autocast to the dtype the model already has).
 
     Built on the first eligible call of a plan (it knows the activations' dtype and device);
-    valid while the plan is and the base weight is the same tensor.
+    valid while the plan is and the base weight is the same frozen tensor (for DVoRA at
+    the same version).
     """
 
     version: int
@@ -212,30 +219,39 @@ class _Fast:
     device: torch.device
     device_type: str
     weight: torch.Tensor
-    bias: torch.Tensor | None
-    A_t: torch.Tensor
-    B_t: torch.Tensor
-    lambda_d: torch.Tensor
-    lambda_b: torch.Tensor
-    dense_tokens: tuple[int, int]
-    """Tokens from which the merged weight pays: (without gradients, with them)."""
+    weight_version: int | None
+    """DVoRA: the weight's version its Gram pieces were computed at (None for VeRA, which keeps nothing of it)."""
+    step: _Step
+    function: Any
+    """``VeraLinearFunction.apply`` or ``DvoraLinearFunction.apply``."""
+    arguments: tuple[Any, ...]
+    """Its arguments after ``x`` and before ``merged`` and ``check``."""
+    autocast_off: bool
+    """DVoRA: turn autocast off around it (the norms stay in float32)."""
 
 
-def _min_dense_tokens(in_features: int, out_features: int, rank: int, backward: bool) -> int:
-    """The fewest tokens for which :func:`vera_core.dense_is_cheaper` holds (it is monotone in tokens)."""
-    high = 1
-    while not vc.dense_is_cheaper(high, in_features, out_features, rank, backward=backward):
-        high *= 2
-        if high > 1 << 40:
-            return high
-    low = high // 2
-    while low + 1 < high:
-        middle = (low + high) // 2
-        if vc.dense_is_cheaper(middle, in_features, out_features, rank, backward=backward):
-            high = middle
-        else:
-            low = middle
-    return high
+def _merged_from(in_features: int, out_features: int, rank: int) -> tuple[int, int]:
+    """The fewest tokens from which :func:`vera_core.merged_passes` merges the forward, and the backward.
+
+    Both are monotone in the tokens: found by bisection on the one rule.
+    """
+
+    def first(which: int) -> int:
+        high = 1
+        while not vc.merged_passes(high, in_features, out_features, rank)[which]:
+            high *= 2
+            if high > 1 << 40:
+                return high
+        low = high // 2
+        while low + 1 < high:
+            middle = (low + high) // 2
+            if vc.merged_passes(middle, in_features, out_features, rank)[which]:
+                high = middle
+            else:
+                low = middle
+        return high
+
+    return first(0), first(1)
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -361,16 +377,6 @@ class VeraLinear(nn.Module):
         for tensor in (*base.parameters(), *base.buffers()):
             return tensor.device
         return torch.device("cpu")
-
-    def _dense_pays(self, step: _Step, x: torch.Tensor) -> bool:
-        """:meth:`_merged_weight_pays`, remembered per input shape, dtype and mode on the plan."""
-        key = (x.shape, x.dtype, torch.is_grad_enabled(), self.training, torch.is_autocast_enabled(x.device.type))
-        found = step.dense.get(key)
-        if found is None:
-            found = self._merged_weight_pays(step, x, getattr(self.base_layer, "weight", None))
-            if not torch.compiler.is_compiling():
-                step.dense[key] = found
-        return found
 
     def _base(self, x: torch.Tensor, bias: bool | torch.Tensor = True) -> torch.Tensor:
         """``x W0^T`` plus the base bias (``True``), no bias (``False``) or the given bias tensor."""
@@ -605,6 +611,7 @@ class VeraLinear(nn.Module):
                     bank.parameters_by_kind(),
                     bank.capacity == 1 and bank.width == rank,
                     _plain(self.base_layer),
+                    merged_from=_merged_from(self.in_features, self.out_features, rank),
                 )
             )
         dvora_steps = [s.name for s in found if s.method == DVORA]
@@ -646,17 +653,21 @@ class VeraLinear(nn.Module):
             and not kwargs
             and x.dtype == fast.dtype
             and x.device == fast.device
-            and (
-                not torch.is_autocast_enabled(fast.device_type) or torch.get_autocast_dtype(fast.device_type) == x.dtype
-            )
             and self.base_layer._parameters["weight"] is fast.weight
-            and x.numel() // self.in_features < fast.dense_tokens[torch.is_grad_enabled()]
+            and (
+                fast.weight_version is None
+                or torch.compiler.is_compiling()
+                or fast.weight._version == fast.weight_version
+            )
+            and not fast.weight.requires_grad
         ):
-            # the same operators in the same order as the general path below: activation
-            # checkpointing recomputes a forward and requires the same graph
-            base = functional.linear(x, fast.weight, fast.bias)
-            C_t = lr.fold_row_t(xp, fast.B_t, fast.lambda_d, fast.lambda_b)
-            return lr.add_product_t(xp, base, lr.project_t(xp, x, fast.A_t), C_t)
+            if not torch.is_autocast_enabled(fast.device_type):
+                return fast.function(x, *fast.arguments, fast.step.merged(x, self.in_features))
+            if torch.get_autocast_dtype(fast.device_type) == x.dtype:
+                if not fast.autocast_off:
+                    return fast.function(x, *fast.arguments, fast.step.merged(x, self.in_features))
+                with torch.autocast(fast.device_type, enabled=False):
+                    return fast.function(x, *fast.arguments, fast.step.merged(x, self.in_features))
         if state.disabled or args or kwargs:
             if not state.disabled and (state.rows is not None or self._plan_steps()):
                 raise TypeError("a VeraLinear with adapters takes only the input tensor")
@@ -669,14 +680,12 @@ class VeraLinear(nn.Module):
         dtype = _compute_dtype(x)
         xc = x if x.dtype == dtype else x.to(dtype)
         first = steps[0]
+        if len(steps) == 1 and (whole := self._on_weight(first, xc, x)) is not None:
+            return whole
         if first.method == DVORA:
             result = self._dvora_forward(first, xc)
             rest = steps[1:]
-        elif len(steps) == 1 and (dense := self._dense_forward(first, xc)) is not None:
-            return dense
         else:
-            if len(steps) == 1 and xc is x and not torch.compiler.is_compiling():
-                self._fast = self._fast_step(first, x)
             own = next((s for s in steps if s.own_bias), None)
             result = self._base(xc, True if own is None else self._rows_of(own, "bias")[0])
             rest = steps
@@ -686,100 +695,77 @@ class VeraLinear(nn.Module):
             result = lr.add_product_t(xp, result, lr.project_t(xp, self._dropped(step, xc), A_t), C_t)
         return result
 
-    def _fast_step(self, step: _Step, x: torch.Tensor) -> _Fast | None:
-        """The precomputed common step for ``step`` and activations like ``x``, when it applies."""
+    def _on_weight(self, step: _Step, x: torch.Tensor, given: torch.Tensor) -> torch.Tensor | None:
+        """The whole layer as one node from the frozen weight (:class:`VeraLinearFunction`,
+        :class:`DvoraLinearFunction`), or None where that does not apply.
+
+        It replaces the base layer's own forward, so it needs a plain ``nn.Linear`` or
+        transformers ``Conv1D`` base with a frozen floating weight of the activations'
+        dtype (any under autocast, which casts it anyway), its bias (or the adapter's own)
+        trained or not; and no dropout in effect. ``x`` is ``given`` in the compute dtype; where the two are
+        one tensor the step is remembered for the next calls (:class:`_Fast`).
+        """
         base = self.base_layer
-        weight = base._parameters.get("weight")
-        bias = base._parameters.get("bias")
+        if not step.plain or (self.training and step.dropout > 0.0):
+            return None
+        weight = base._parameters["weight"]
+        bias = self._rows_of(step, "bias")[0] if step.own_bias else base._parameters["bias"]
+        autocast = torch.is_autocast_enabled(x.device.type)
         if (
-            type(base) is not nn.Linear
-            or step.own_bias
-            or step.dropout
-            or not step.whole_row
-            or weight is None
-            or weight.dtype != x.dtype
+            weight is None
             or weight.requires_grad
-            or (bias is not None and (bias.requires_grad or bias.dtype != x.dtype))
-            or (torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type) != x.dtype)
+            or not weight.is_floating_point()
+            or (weight.dtype != x.dtype and not autocast)
         ):
-            return None
-        A_t, B_t = self._step_projections(step, x)[:2]
-        dense = tuple(_min_dense_tokens(self.in_features, self.out_features, step.rank, grad) for grad in (False, True))
-        return _Fast(
-            self._state.version,
-            x.dtype,
-            x.device,
-            x.device.type,
-            weight,
-            bias,
-            A_t,
-            B_t,
-            step.rows["lambda_d"],
-            step.rows["lambda_b"],
-            typing.cast(tuple[int, int], dense),
-        )
-
-    def _merged_weight_pays(self, step: _Step, x: torch.Tensor, weight: Any) -> bool:
-        """Whether the merged-weight formulation applies to ``weight`` and needs fewer multiply-adds.
-
-        It applies with a frozen floating weight of the activations' dtype (or any floating
-        weight under autocast, which casts it anyway) and no dropout in effect. With 16-bit
-        activations ``W0 + dW`` is rounded to 16 bits once, as the factored output is.
-        """
-        dropout = self.training and step.dropout > 0.0
-        if dropout or not isinstance(weight, torch.Tensor) or weight.requires_grad or not weight.is_floating_point():
-            return False
-        if weight.dtype != x.dtype and not torch.is_autocast_enabled(x.device.type):
-            return False
-        tokens = x.numel() // max(x.shape[-1], 1)
-        return vc.dense_is_cheaper(
-            tokens, self.in_features, self.out_features, step.rank, backward=torch.is_grad_enabled()
-        )
-
-    def _dense_forward(self, step: _Step, x: torch.Tensor) -> torch.Tensor | None:
-        """The merged-weight VeRA path, or None where it does not apply or costs more.
-
-        Besides :meth:`_merged_weight_pays`, it replaces the base layer's own forward, so it
-        needs a plain ``nn.Linear`` or transformers ``Conv1D`` base with a frozen bias.
-        """
-        if not step.plain or step.own_bias or not self._dense_pays(step, x):
-            return None
-        base = self.base_layer
-        weight = typing.cast(torch.Tensor, base._parameters["weight"])
-        bias = base._parameters["bias"]
-        if bias is not None and bias.requires_grad:
             return None
         A_s, B_s = self._step_projections(step, x)[2:]
         d, b = self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b")
+        arguments: tuple[Any, ...]
+        if step.method == DVORA:
+            frozen = self._frozen(step.bank.key, step.rank)
+            magnitude = self._rows_of(step, "magnitude")
+            function = DvoraLinearFunction.apply
+            arguments = (weight, bias, *frozen, A_s, B_s, magnitude, d, b, self.fan_in_fan_out, step.detach_norm)
+        else:
+            function = VeraLinearFunction.apply
+            arguments = (weight, bias, A_s, B_s, d, b, self.fan_in_fan_out)
+        if (
+            step.whole_row
+            and not step.own_bias
+            and step.dropout == 0.0
+            and x is given
+            and weight.dtype == x.dtype
+            and (bias is None or bias.dtype == x.dtype)
+            and (not autocast or torch.get_autocast_dtype(x.device.type) == x.dtype)
+            and not torch.compiler.is_compiling()
+        ):
+            self._fast = _Fast(
+                self._state.version,
+                x.dtype,
+                x.device,
+                x.device.type,
+                weight,
+                weight._version if step.method == DVORA else None,
+                step,
+                function,
+                arguments,
+                step.method == DVORA,
+            )
         with _no_autocast(x):
-            return vera_dense(x, weight, bias, A_s, B_s, d, b, fan_in_fan_out=self.fan_in_fan_out)
+            return function(x, *arguments, step.merged(x, self.in_features))
 
     def _dvora_forward(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
-        """DVoRA through the merged weight where it pays, else factored (autograd through the core's pieces).
+        """DVoRA factored, autograd through the core's pieces (where :meth:`_on_weight` does not apply).
 
         A quantized base stays quantized: its own forward gives ``x W0^T`` and the Gram pieces
         come from its dequantized weight once per weight state.
         """
         frozen = self._frozen(step.bank.key, step.rank)
-        A_t, B_t, A_s, B_s = self._step_projections(step, x)
+        A_t, B_t = self._step_projections(step, x)[:2]
         d_row, b_row = self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b")
         magnitude = self._rows_of(step, "magnitude")
         bias = self._rows_of(step, "bias")[0] if step.own_bias else self.bias
         with _no_autocast(x):
-            if step.plain and self._dense_pays(step, x):
-                return dvora_dense(
-                    x,
-                    typing.cast(torch.Tensor, self.base_layer._parameters["weight"]),
-                    bias,
-                    frozen,
-                    A_s,
-                    B_s,
-                    magnitude,
-                    d_row,
-                    b_row,
-                    fan_in_fan_out=self.fan_in_fan_out,
-                    detach_norm=step.detach_norm,
-                )
             C_t = lr.fold_row_t(xp, B_t, d_row, b_row)
             norm = _gram_norm(xp, frozen, C_t.T)
             if step.detach_norm:
