@@ -705,13 +705,13 @@ def _shared_backward(
         _check_frozen(frozen, shape.out_features, shape.rank)
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
-    grads, scale = vector_grads(
+    grads, scale = _vector_grads(
         xp, grad_y, saved, frozen, B_s, C, magnitude, lambda_d, lambda_b, detach_norm=detach_norm, has_bias=has_bias
     )
     return xp, A_s, C, grads, scale
 
 
-def vector_grads(
+def _vector_grads(
     xp: Any,
     grad_y: Any,
     saved: DvoraSaved,
@@ -725,19 +725,23 @@ def vector_grads(
     detach_norm: bool,
     has_bias: bool,
 ) -> tuple[DvoraGrads, Any]:
-    """The gradients of ``m``, the vectors and the bias (``x`` and ``base`` None), and ``s = m / n``."""
+    """The gradients of ``m``, the vectors and the bias (``x`` and ``base`` None), and ``s = m / n``.
+
+    ``magnitude`` and the vectors are vectors or one-row matrices (a bank's rows); their
+    gradients, and ``s``, have their shapes.
+    """
     u, z, norm = saved
     vec = lambda_d.dtype
     n = lr.cast(xp, norm, vec)
     scale = magnitude / n
     flat_g = lr.flatten_tokens(xp, grad_y)
-    q = xp.sum(flat_g * lr.flatten_tokens(xp, z), axis=0, dtype=vec)
+    q = xp.sum(flat_g * lr.flatten_tokens(xp, z), axis=0, dtype=vec, keepdims=magnitude.ndim == 2)
     grad_m = q / n
-    grad_C = scale[:, None] * lr.token_gram(xp, grad_y, u, vec)
+    grad_C = lr.column(scale) * lr.token_gram(xp, grad_y, u, vec)
     if not detach_norm:
         # dL/dn_i / n_i = -q_i m_i / n_i^3 = -(grad_m * scale / n)_i, times dn^2/dC / 2
         direction = matmul_add(xp, frozen.weight_proj, lr.cast(xp, C, frozen.gram.dtype), frozen.gram)
-        grad_C = sub_product(xp, grad_C, (grad_m * scale / n)[:, None], lr.cast(xp, direction, vec))
+        grad_C = sub_product(xp, grad_C, lr.column(grad_m * scale / n), lr.cast(xp, direction, vec))
     grad_d, grad_b = lr.vector_grads(xp, grad_C, B_s, lambda_d, lambda_b)
     grad_bias = xp.sum(flat_g, axis=0, dtype=vec) if has_bias else None
     return DvoraGrads(None, None, grad_m, grad_d, grad_b, grad_bias), scale
@@ -932,12 +936,14 @@ def dvora_forward_dense(
         xp, shape = namespace(x), AdapterShape(lambda_d.shape[0], lambda_b.shape[0], x.shape[-1])
     A_s, B_s = lr.layer_slices(A, B, shape)
     C = lr.fold(xp, B_s, lambda_d, lambda_b)
-    return whole_forward(xp, x, weight, bias, frozen, A_s, C, magnitude, fan_in_fan_out, merged=merged)
+    u = lr.project(xp, x, A_s, None)
+    return _whole_forward(xp, x, u, weight, bias, frozen, A_s, C, magnitude, fan_in_fan_out, merged=merged)
 
 
-def whole_forward(
+def _whole_forward(
     xp: Any,
     x: Any,
+    u: Any,
     weight: Any,
     bias: Any,
     frozen: DvoraFrozen,
@@ -948,9 +954,12 @@ def whole_forward(
     *,
     merged: bool,
 ) -> tuple[Any, DvoraSaved]:
-    """:func:`dvora_forward_dense` from checked, sliced arguments and ``C`` (out x r): the unchecked internals."""
+    """:func:`dvora_forward_dense` from checked, sliced arguments, ``u = x A_s^T`` and ``C`` (out x r).
+
+    The unchecked internals; the vectors may be one-row matrices (a bank's rows).
+    """
     norm = _gram_norm(xp, frozen, C)
-    z, u = lr.whole_forward(xp, x, weight, None, A_s, C.T, fan_in_fan_out, merged=merged)
+    z = lr.whole_forward(xp, x, u, weight, None, A_s, C.T, fan_in_fan_out, merged=merged)
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
 
@@ -1015,10 +1024,10 @@ def dvora_backward_dense(
     )
     if not input_grad:
         return grads
-    return grads._replace(x=whole_input_grad(xp, grad_y, scale, weight, C, A_s, fan_in_fan_out, merged=merged))
+    return grads._replace(x=_whole_input_grad(xp, grad_y, scale, weight, C, A_s, fan_in_fan_out, merged=merged))
 
 
-def whole_input_grad(
+def _whole_input_grad(
     xp: Any, grad_y: Any, scale: Any, weight: Any, C: Any, A_s: Any, fan_in_fan_out: bool, *, merged: bool
 ) -> Any:
     """``dL/dx = (grad_y * s) (W0 + C A_s)`` of the whole layer, ``s = m / n`` (unchecked internals).
@@ -1030,5 +1039,5 @@ def whole_input_grad(
     if not merged:
         return lr.whole_input_grad(xp, grad_y * scale, weight, C.T, A_s, fan_in_fan_out, merged=False)
     shifted = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
-    scaled = shifted * (scale[None, :] if fan_in_fan_out else scale[:, None])
+    scaled = shifted * (lr.as_row(scale) if fan_in_fan_out else lr.column(scale))
     return lr.weight_input_grad(xp, grad_y, scaled, fan_in_fan_out)

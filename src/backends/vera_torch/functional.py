@@ -17,6 +17,8 @@ autograd and receives its gradient from the Function's backward.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from array_api_compat import torch as xp
 
@@ -85,23 +87,27 @@ class VeraLinearFunction(torch.autograd.Function):
     (tokens x r) and ``C^T`` (r x out), never a merged weight (rebuilt in backward when
     needed), and computes the frozen layer's share of ``dL/dx`` itself.
 
-    Inputs: ``x``; ``weight`` (frozen) and ``bias`` (trained or not); ``A_s`` (r x in) in the dtype of
-    ``x``; ``B_s`` (out x r) in the vectors' dtype; ``lambda_d`` (1, r) and ``lambda_b``
-    (1, out) (a bank's rows); ``fan_in_fan_out``; ``merged``. The caller checked them
-    (:func:`vera_linear`, or a layer when its adapters changed).
+    Inputs: ``x``; ``weight`` (frozen) and ``bias`` (trained or not); ``projections``, the
+    tuple ``(A_s^T, B_s^T, A_s, B_s)`` with ``A_s`` (r x in) in the dtype of ``x`` and ``B_s``
+    (out x r) in the vectors' (constants: no gradient, not saved as tensors); ``lambda_d``
+    (1, r) and ``lambda_b`` (1, out) (a bank's rows); ``fan_in_fan_out``; ``merged``. The
+    caller checked them (:func:`vera_linear`, or a layer when its adapters changed).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, A_s, B_s, lambda_d, lambda_b, fan_in_fan_out, merged):
-        C_t = lr.fold_row_t(xp, B_s.T, lambda_d, lambda_b)
-        y, u = lr.whole_forward(xp, x, weight, bias, A_s, C_t, fan_in_fan_out, merged=merged[0])
-        ctx.save_for_backward(u, C_t, weight, A_s, B_s, lambda_d, lambda_b)
-        ctx.fan_in_fan_out, ctx.merged_backward = fan_in_fan_out, merged[1]
+    def forward(ctx, x, weight, bias, projections, lambda_d, lambda_b, fan_in_fan_out, merged):
+        A_t, B_t, A_s, _ = projections
+        C_t = lr.fold_row_t(xp, B_t, lambda_d, lambda_b)
+        u = lr.project_t(xp, x, A_t)
+        y = lr.whole_forward(xp, x, u, weight, bias, A_s, C_t, fan_in_fan_out, merged=merged[0])
+        ctx.save_for_backward(u, C_t, weight, lambda_d, lambda_b)
+        ctx.projections, ctx.fan_in_fan_out, ctx.merged_backward = projections, fan_in_fan_out, merged[1]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, C_t, weight, A_s, B_s, lambda_d, lambda_b = ctx.saved_tensors
+        u, C_t, weight, lambda_d, lambda_b = ctx.saved_tensors
+        A_s, B_s = ctx.projections[2:]
         grad_d, grad_b = lr.vector_grads(xp, lr.token_gram(xp, grad_y, u, lambda_d.dtype), B_s, lambda_d, lambda_b)
         needs = ctx.needs_input_grad
         grad_x = grad_bias = None
@@ -109,7 +115,7 @@ class VeraLinearFunction(torch.autograd.Function):
             grad_x = lr.whole_input_grad(xp, grad_y, weight, C_t, A_s, ctx.fan_in_fan_out, merged=ctx.merged_backward)
         if needs[2]:
             grad_bias = xp.sum(lr.flatten_tokens(xp, grad_y), axis=0, dtype=lambda_d.dtype)
-        return grad_x, None, grad_bias, None, None, grad_d, grad_b, None, None
+        return grad_x, None, grad_bias, None, grad_d, grad_b, None, None
 
 
 def vera_linear(
@@ -142,18 +148,16 @@ def vera_linear(
     True
     """
     _, shape = vc.check_whole_layer(x, weight, A, B, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out)
+    projections = _projections(A, B, shape, x.dtype, lambda_d.dtype)
+    rows = (lambda_d[None, :], lambda_b[None, :])
+    return VeraLinearFunction.apply(x, weight, bias, projections, *rows, fan_in_fan_out, tuple(merged))
+
+
+def _projections(A: torch.Tensor, B: torch.Tensor, shape: Any, dtype: torch.dtype, vector_dtype: torch.dtype) -> tuple:
+    """``(A_s^T, B_s^T, A_s, B_s)``: the layer's slices, ``A_s`` in the activations' dtype, ``B_s`` in the vectors'."""
     A_s, B_s = lr.layer_slices(A, B, shape)
-    return VeraLinearFunction.apply(
-        x,
-        weight,
-        bias,
-        lr.cast(xp, A_s, x.dtype),
-        B_s,
-        lambda_d[None, :],
-        lambda_b[None, :],
-        fan_in_fan_out,
-        tuple(merged),
-    )
+    A_s, B_s = lr.cast(xp, A_s, dtype), lr.cast(xp, B_s, vector_dtype)
+    return A_s.T, B_s.T, A_s, B_s
 
 
 def vera(
@@ -356,7 +360,7 @@ class DvoraLinearFunction(torch.autograd.Function):
     :func:`vera_core.dvora_backward_dense`, each pass through the merged weight or
     factored as ``merged`` (forward, backward) says. Inputs: ``x``; the frozen ``weight``;
     ``bias`` or None (trained or not); the three :class:`vera_core.DvoraFrozen` tensors;
-    ``A_s`` and ``B_s`` as in :class:`VeraLinearFunction`; ``magnitude``, ``lambda_d``,
+    ``projections`` as in :class:`VeraLinearFunction`; ``magnitude``, ``lambda_d``,
     ``lambda_b`` as (1, n) rows; ``fan_in_fan_out``; ``detach_norm``; ``merged``. Saves
     ``u``, ``z`` and the norms; a merged weight is rebuilt in backward.
     """
@@ -370,8 +374,7 @@ class DvoraLinearFunction(torch.autograd.Function):
         weight_sq_norm,
         weight_proj,
         gram,
-        A_s,
-        B_s,
+        projections,
         magnitude,
         lambda_d,
         lambda_b,
@@ -379,27 +382,28 @@ class DvoraLinearFunction(torch.autograd.Function):
         detach_norm,
         merged,
     ):
-        magnitude, lambda_d, lambda_b = magnitude[0], lambda_d[0], lambda_b[0]
+        A_t, B_t, A_s, _ = projections
         frozen = vc.DvoraFrozen(weight_sq_norm, weight_proj, gram)
-        C = lr.fold(xp, B_s, lambda_d, lambda_b)
-        y, saved = dvora_internals.whole_forward(
-            xp, x, weight, bias, frozen, A_s, C, magnitude, fan_in_fan_out, merged=merged[0]
+        C = lr.fold_row_t(xp, B_t, lambda_d, lambda_b).T
+        u = lr.project_t(xp, x, A_t)
+        y, saved = dvora_internals._whole_forward(
+            xp, x, u, weight, bias, frozen, A_s, C, magnitude, fan_in_fan_out, merged=merged[0]
         )
-        ctx.save_for_backward(*saved, C, weight, *frozen, A_s, B_s, magnitude, lambda_d, lambda_b)
-        ctx.fan_in_fan_out, ctx.detach_norm, ctx.has_bias = fan_in_fan_out, bool(detach_norm), bias is not None
-        ctx.merged_backward = merged[1]
+        ctx.save_for_backward(*saved, C, weight, *frozen, magnitude, lambda_d, lambda_b)
+        ctx.projections, ctx.fan_in_fan_out, ctx.detach_norm = projections, fan_in_fan_out, bool(detach_norm)
+        ctx.has_bias, ctx.merged_backward = bias is not None, merged[1]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, z, norm, C, weight, sq, proj, gram, A_s, B_s, magnitude, lambda_d, lambda_b = ctx.saved_tensors
+        u, z, norm, C, weight, sq, proj, gram, magnitude, lambda_d, lambda_b = ctx.saved_tensors
+        B_s = ctx.projections[3]
         needs = ctx.needs_input_grad
-        frozen = vc.DvoraFrozen(sq, proj, gram)
-        grads, scale = dvora_internals.vector_grads(
+        grads, scale = dvora_internals._vector_grads(
             xp,
             grad_y,
             vc.DvoraSaved(u, z, norm),
-            frozen,
+            vc.DvoraFrozen(sq, proj, gram),
             B_s,
             C,
             magnitude,
@@ -410,8 +414,8 @@ class DvoraLinearFunction(torch.autograd.Function):
         )
         grad_x = None
         if needs[0]:
-            grad_x = dvora_internals.whole_input_grad(
-                xp, grad_y, scale, weight, C, A_s, ctx.fan_in_fan_out, merged=ctx.merged_backward
+            grad_x = dvora_internals._whole_input_grad(
+                xp, grad_y, scale, weight, C, ctx.projections[2], ctx.fan_in_fan_out, merged=ctx.merged_backward
             )
         return (
             grad_x,
@@ -421,10 +425,9 @@ class DvoraLinearFunction(torch.autograd.Function):
             None,
             None,
             None,
-            None,
-            grads.magnitude[None, :],
-            grads.lambda_d[None, :],
-            grads.lambda_b[None, :],
+            grads.magnitude,
+            grads.lambda_d,
+            grads.lambda_b,
             None,
             None,
             None,
@@ -466,8 +469,8 @@ def dvora_linear(
     _, shape = vc.check_dvora_whole_layer(
         x, weight, frozen, A, B, magnitude, lambda_d, lambda_b, bias=bias, fan_in_fan_out=fan_in_fan_out
     )
-    A_s, B_s = lr.layer_slices(A, B, shape)
+    projections = _projections(A, B, shape, x.dtype, lambda_d.dtype)
     rows = (magnitude[None, :], lambda_d[None, :], lambda_b[None, :])
     return DvoraLinearFunction.apply(
-        x, weight, bias, *frozen, lr.cast(xp, A_s, x.dtype), B_s, *rows, fan_in_fan_out, detach_norm, tuple(merged)
+        x, weight, bias, *frozen, projections, *rows, fan_in_fan_out, detach_norm, tuple(merged)
     )

@@ -718,17 +718,17 @@ class VeraLinear(nn.Module):
             or (weight.dtype != x.dtype and not autocast)
         ):
             return None
-        A_s, B_s = self._step_projections(step, x)[2:]
+        projections = self._step_projections(step, x)
         d, b = self._rows_of(step, "lambda_d"), self._rows_of(step, "lambda_b")
         arguments: tuple[Any, ...]
         if step.method == DVORA:
             frozen = self._frozen(step.bank.key, step.rank)
             magnitude = self._rows_of(step, "magnitude")
             function = DvoraLinearFunction.apply
-            arguments = (weight, bias, *frozen, A_s, B_s, magnitude, d, b, self.fan_in_fan_out, step.detach_norm)
+            arguments = (weight, bias, *frozen, projections, magnitude, d, b, self.fan_in_fan_out, step.detach_norm)
         else:
             function = VeraLinearFunction.apply
-            arguments = (weight, bias, A_s, B_s, d, b, self.fan_in_fan_out)
+            arguments = (weight, bias, projections, d, b, self.fan_in_fan_out)
         if (
             step.whole_row
             and not step.own_bias
