@@ -236,12 +236,12 @@ def whole_forward(
     return add_product_t(xp, apply_weight(xp, x, weight, bias, fan_in_fan_out), u, C_t)
 
 
-def whole_input_grad(xp: Any, grad: Any, weight: Any, C_t: Any, A_s: Any, fan_in_fan_out: bool, *, merged: bool) -> Any:
+def whole_input_grad(xp: Any, grad: Any, weight: Any, C: Any, A_s: Any, fan_in_fan_out: bool, *, merged: bool) -> Any:
     """``grad (W0 + C A_s)`` in the dtype of ``grad``: through ``W'`` (``merged``) or as ``grad W0 + (grad C) A_s``."""
     if merged:
-        shifted = shifted_weight(xp, weight, C_t.T, A_s, fan_in_fan_out, dtype=grad.dtype)
+        shifted = shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad.dtype)
         return weight_input_grad(xp, grad, shifted, fan_in_fan_out)
-    return add_product_t(xp, weight_input_grad(xp, grad, weight, fan_in_fan_out), product(xp, grad, C_t), A_s)
+    return add_product_t(xp, weight_input_grad(xp, grad, weight, fan_in_fan_out), product(xp, grad, C.T), A_s)
 
 
 def delta_weight_matrix(xp: Any, C: Any, A_s: Any, fan_in_fan_out: bool) -> Any:

@@ -1037,7 +1037,7 @@ def _whole_input_grad(
     """
     scale = lr.cast(xp, scale, grad_y.dtype)
     if not merged:
-        return lr.whole_input_grad(xp, grad_y * scale, weight, C.T, A_s, fan_in_fan_out, merged=False)
+        return lr.whole_input_grad(xp, grad_y * scale, weight, C, A_s, fan_in_fan_out, merged=False)
     shifted = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
     scaled = shifted * (lr.as_row(scale) if fan_in_fan_out else lr.column(scale))
     return lr.weight_input_grad(xp, grad_y, scaled, fan_in_fan_out)

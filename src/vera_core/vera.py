@@ -530,7 +530,7 @@ def vera_backward_dense(
     grad_x = None
     if input_grad:
         C = lr.fold(xp, B_s, lambda_d, lambda_b)
-        grad_x = lr.whole_input_grad(xp, grad_y, weight, C.T, A_s, fan_in_fan_out, merged=merged)
+        grad_x = lr.whole_input_grad(xp, grad_y, weight, C, A_s, fan_in_fan_out, merged=merged)
     return VeraGrads(grad_x, grad_d, grad_b)
 
 

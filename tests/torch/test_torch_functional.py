@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 from array_api_compat import torch as xp  # noqa: E402
 
 import vera_core as vc  # noqa: E402
-from vera_torch.functional import dvora, vera  # noqa: E402
+from vera_torch.functional import dvora, dvora_linear, vera, vera_linear  # noqa: E402
 
 
 def _setup(dtype=torch.float64, r=6, R=8, n_in=10, n_out=7, max_in=12, max_out=9):
@@ -93,3 +93,76 @@ def test_dvora_gradcheck():
     frozen = vc.dvora_precompute(W, A, 6)
     base = (x @ W.T).detach().requires_grad_()
     assert torch.autograd.gradcheck(lambda base, x, m, d, b: dvora(base, x, frozen, A, B, m, d, b), (base, x, m, d, b))
+
+
+PASSES = [(False, False), (False, True), (True, False), (True, True)]
+
+
+@pytest.mark.parametrize("merged", PASSES)
+@pytest.mark.parametrize("fan_in_fan_out", [False, True])
+def test_vera_linear_matches_the_textbook_and_finite_differences(merged, fan_in_fan_out):
+    """The whole-layer node, every (forward, backward) choice: against autograd on the formula and gradcheck."""
+    A, B, W, x, d, b = _setup()
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    weight = W.T.contiguous() if fan_in_fan_out else W
+
+    def layer(x, d, b, bias):
+        return vera_linear(x, weight, bias, A, B, d, b, fan_in_fan_out=fan_in_fan_out, merged=merged)
+
+    y = layer(x, d, b, bias)
+    ref = _reference_vera(x, W, A, B, d, b) + bias
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, d, b, bias), g)
+    want = torch.autograd.grad(ref, (x, d, b, bias), g)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w)
+    assert torch.autograd.gradcheck(layer, (x, d, b, bias))
+
+
+@pytest.mark.parametrize("merged", PASSES)
+def test_vera_linear_saves_only_u(merged):
+    """Besides the frozen weight and the vectors, the node keeps tokens x r values: not C, not a merged weight."""
+    A, B, W, x, d, b = _setup(dtype=torch.float32)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        vera_linear(x, W, None, A, B, d, b, merged=merged)
+    others = [t for t in saved if t is not W and t.data_ptr() not in (d.data_ptr(), b.data_ptr())]
+    assert [tuple(t.shape) for t in others] == [(2, 5, 6)]
+
+
+@pytest.mark.parametrize("merged", PASSES)
+@pytest.mark.parametrize("detach", [False, True])
+def test_dvora_linear_matches_the_textbook_and_finite_differences(merged, detach):
+    A, B, W, x, d, b = _setup()
+    m = (W.norm(dim=1) * 1.3).requires_grad_()
+    bias = torch.randn(7, dtype=torch.float64, requires_grad=True)
+    frozen = vc.dvora_precompute(W, A, 6)
+
+    def layer(x, m, d, b, bias):
+        return dvora_linear(x, W, bias, frozen, A, B, m, d, b, detach_norm=detach, merged=merged)
+
+    y = layer(x, m, d, b, bias)
+    ref = _reference_dvora(x, W, A, B, m, d, b, bias, detach)
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, (x, m, d, b, bias), g)
+    want = torch.autograd.grad(ref, (x, m, d, b, bias), g)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w)
+    if not detach:  # a detached norm is not the derivative of the output (DoRA section 4.3)
+        assert torch.autograd.gradcheck(layer, (x, m, d, b, bias))
+
+
+def test_the_whole_layer_nodes_check_their_arguments():
+    A, B, W, x, d, b = _setup()
+    with pytest.raises(ValueError, match="lambda_b"):
+        vera_linear(x, W, None, A, B, d, b[:-1])
+    frozen = vc.dvora_precompute(W, A, 6)
+    with pytest.raises(ValueError, match="magnitude"):
+        dvora_linear(x, W, None, frozen, A, B, W.norm(dim=1)[:-1], d, b)

@@ -84,8 +84,8 @@ class VeraLinearFunction(torch.autograd.Function):
     :func:`vera_core.vera_backward_dense` (``vera_core._lowrank.whole_forward``,
     ``whole_input_grad``), each pass through the merged weight or factored as ``merged``
     (forward, backward) says (see :func:`vera_core.merged_passes`). It saves ``u``
-    (tokens x r) and ``C^T`` (r x out), never a merged weight (rebuilt in backward when
-    needed), and computes the frozen layer's share of ``dL/dx`` itself.
+    (tokens x r) alone, never a merged weight (rebuilt in backward when needed) nor the
+    folded ``C`` (folded again), and computes the frozen layer's share of ``dL/dx`` itself.
 
     Inputs: ``x``; ``weight`` (frozen) and ``bias`` (trained or not); ``projections``, the
     tuple ``(A_s^T, B_s^T, A_s, B_s)`` with ``A_s`` (r x in) in the dtype of ``x`` and ``B_s``
@@ -100,19 +100,20 @@ class VeraLinearFunction(torch.autograd.Function):
         C_t = lr.fold_row_t(xp, B_t, lambda_d, lambda_b)
         u = lr.project_t(xp, x, A_t)
         y = lr.whole_forward(xp, x, u, weight, bias, A_s, C_t, fan_in_fan_out, merged=merged[0])
-        ctx.save_for_backward(u, C_t, weight, lambda_d, lambda_b)
+        ctx.save_for_backward(u, weight, lambda_d, lambda_b)
         ctx.projections, ctx.fan_in_fan_out, ctx.merged_backward = projections, fan_in_fan_out, merged[1]
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        u, C_t, weight, lambda_d, lambda_b = ctx.saved_tensors
+        u, weight, lambda_d, lambda_b = ctx.saved_tensors
         A_s, B_s = ctx.projections[2:]
         grad_d, grad_b = lr.vector_grads(xp, lr.token_gram(xp, grad_y, u, lambda_d.dtype), B_s, lambda_d, lambda_b)
         needs = ctx.needs_input_grad
         grad_x = grad_bias = None
         if needs[0]:
-            grad_x = lr.whole_input_grad(xp, grad_y, weight, C_t, A_s, ctx.fan_in_fan_out, merged=ctx.merged_backward)
+            C = lr.fold(xp, B_s, lambda_d, lambda_b)  # folded again: out x r is not kept per layer
+            grad_x = lr.whole_input_grad(xp, grad_y, weight, C, A_s, ctx.fan_in_fan_out, merged=ctx.merged_backward)
         if needs[2]:
             grad_bias = xp.sum(lr.flatten_tokens(xp, grad_y), axis=0, dtype=lambda_d.dtype)
         return grad_x, None, grad_bias, None, grad_d, grad_b, None, None
