@@ -19,6 +19,7 @@ transformers = pytest.importorskip("transformers", reason="the compiled models a
 from torch import nn  # noqa: E402
 from torch_helpers import randomize_vectors  # noqa: E402
 
+import vera_core as vc  # noqa: E402
 import vera_torch as vt  # noqa: E402
 
 VOCAB = 64
@@ -86,9 +87,26 @@ def _fresh_dynamo():
     torch._dynamo.reset()
 
 
-@pytest.mark.parametrize("dvora", [False, True], ids=["vera", "dvora"])
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_compiled_training_matches_eager(arch: str, dvora: bool) -> None:
+TRAINING_CASES = [
+    *[(arch, dvora, None) for arch in ("llama", "gpt2") for dvora in (False, True)],
+    # each pass of the whole-layer node forced one way (16 tokens pick a merged backward, a factored forward)
+    *[("llama", dvora, passes) for dvora in (False, True) for passes in ((True, True), (False, False))],
+]
+
+
+@pytest.mark.parametrize(
+    ("arch", "dvora", "passes"),
+    TRAINING_CASES,
+    ids=[
+        f"{a}-{'dvora' if d else 'vera'}-{'by-cost' if p is None else 'merged' if p[0] else 'factored'}"
+        for a, d, p in TRAINING_CASES
+    ],
+)
+def test_compiled_training_matches_eager(
+    arch: str, dvora: bool, passes: tuple[bool, bool] | None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if passes is not None:
+        monkeypatch.setattr(vc, "merged_passes", lambda *args, **kwargs: vc.MergedPasses(*passes))
     eager, twin = _adapted(arch, dvora), _adapted(arch, dvora)
     for (name, p), q in zip(eager.state_dict().items(), twin.state_dict().values(), strict=True):
         assert torch.equal(p, q), f"the two copies differ at {name} before training"
