@@ -296,8 +296,8 @@ def unmerge(
 
 
 DENSE_MIN_SAVING = 1 << 20
-"""Multiply-adds a merged forward must save to be taken: it costs as many operators as the
-factored one plus a weight-sized temporary, so below this the fixed costs decide."""
+"""Multiply-adds a merged pass must save to be taken: it costs a weight-sized temporary, and
+below this the fixed costs of a step (its operators, the host's time) decide, not the work."""
 
 
 class MergedPasses(NamedTuple):
@@ -313,12 +313,11 @@ def merged_passes(tokens: int, in_features: int, out_features: int, rank: int) -
     """Choose, per pass, between the factored form and the merged weight ``W' = W0 + C A_s``.
 
     Both forms compute ``u = x A_s^T`` (and, in backward, ``grad_y^T u``); they differ in
-    the rest. Forward: ``u C^T`` costs ``T r out`` multiply-adds, ``W'`` costs ``out r in``
-    (the product with ``W'`` replaces the frozen layer's own) in as many operators, so the
-    merged forward is taken when it saves :data:`DENSE_MIN_SAVING`. Backward: ``(grad_y C)
-    A_s`` costs ``T r (in + out)`` in two products beside ``grad_y W0``, ``grad_y W'`` costs
-    ``out r in`` in one product fewer, so the merged input gradient is taken whenever it
-    costs no more multiply-adds: many tokens, and tiny layers, where the operators decide.
+    the rest. Forward: ``u C^T`` costs ``T r out`` multiply-adds where ``W'`` costs ``out r
+    in`` (the product with ``W'`` replaces the frozen layer's own). Backward: ``(grad_y C)
+    A_s`` costs ``T r (in + out)`` beside ``grad_y W0`` where ``grad_y W'`` costs ``out r
+    in``. Each pass is merged when that saves :data:`DENSE_MIN_SAVING` multiply-adds, so
+    many tokens merge both, a middling number only the backward, few tokens neither.
 
     Parameters
     ----------
@@ -337,7 +336,7 @@ def merged_passes(tokens: int, in_features: int, out_features: int, rank: int) -
     MergedPasses(forward=True, backward=True)
     >>> merged_passes(16, 1024, 1024, 256)
     MergedPasses(forward=False, backward=False)
-    >>> merged_passes(64, 32, 32, 8)  # one product fewer in backward; forward saves too little
+    >>> merged_passes(768, 1024, 1024, 256)
     MergedPasses(forward=False, backward=True)
     """
     check_positive_int("in_features", in_features)
@@ -347,7 +346,7 @@ def merged_passes(tokens: int, in_features: int, out_features: int, rank: int) -
         raise ValueError(f"tokens must be a non-negative int, got {tokens!r}")
     merge_cost = out_features * rank * in_features
     forward = tokens * rank * out_features - merge_cost >= DENSE_MIN_SAVING
-    backward = tokens > 0 and merge_cost <= tokens * rank * (in_features + out_features)
+    backward = tokens * rank * (in_features + out_features) - merge_cost >= DENSE_MIN_SAVING
     return MergedPasses(forward, backward)
 
 

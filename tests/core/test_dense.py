@@ -122,11 +122,12 @@ def test_dense_16_bit_is_as_accurate_as_factored(xp: Any, device: Any, half_name
         (8192, 4096, 4096, 256, (True, True)),
         (1, 4096, 4096, 256, (False, False)),
         (16, 1024, 1024, 256, (False, False)),
-        (64, 32, 32, 8, (False, True)),  # forward saves 8,192 multiply-adds; backward one product
+        (64, 32, 32, 8, (False, False)),  # merging would save 8,192 and 24,576 multiply-adds: too few
         (0, 8, 8, 2, (False, False)),
-        # backward: out*in <= T*(in + out) from T = 512; forward: T*r*out - out*r*in >= 2**20 from T = 1028
-        (511, 1024, 1024, 256, (False, False)),
-        (512, 1024, 1024, 256, (False, True)),
+        # saved by merging, at in = out = 1024, r = 256: forward 2**18 (T - 1024), backward 2**18 (2 T - 1024);
+        # each pass merges from 2**20 (DENSE_MIN_SAVING): backward from T = 514, forward from T = 1028
+        (513, 1024, 1024, 256, (False, False)),
+        (514, 1024, 1024, 256, (False, True)),
         (1027, 1024, 1024, 256, (False, True)),
         (1028, 1024, 1024, 256, (True, True)),
     ],

@@ -206,8 +206,9 @@ class _Step:
 @dataclasses.dataclass(frozen=True)
 class _Fast:
     """The common step precomputed: one adapter on a plain frozen base through :class:`VeraLinearFunction`
-    or :class:`DvoraLinearFunction`, a one-row bank, no dropout or own bias, inputs in the compute dtype
-    (no autocast, or autocast to the dtype the model already has).
+    or :class:`DvoraLinearFunction` (VeRA on few tokens: the factored operators under autograd), a one-row
+    bank, no dropout or own bias, inputs in the compute dtype (no autocast, or autocast to the dtype the
+    model already has).
 
     Built on the first eligible call of a plan (it knows the activations' dtype and device);
     valid while the plan is and the base weight is the same frozen tensor (for DVoRA at
@@ -228,6 +229,9 @@ class _Fast:
     """Its arguments after ``x`` and before ``merged`` and ``check``."""
     autocast_off: bool
     """DVoRA: turn autocast off around it (the norms stay in float32)."""
+    composed: tuple[Any, ...] | None
+    """VeRA on an ``nn.Linear``: ``(bias, A_s^T, B_s^T, lambda_d, lambda_b)`` for the steps where neither
+    pass merges, which run the factored path's operators under autograd (as the general path does)."""
 
 
 def _merged_from(in_features: int, out_features: int, rank: int) -> tuple[int, int]:
@@ -661,13 +665,20 @@ class VeraLinear(nn.Module):
             )
             and not fast.weight.requires_grad
         ):
-            if not torch.is_autocast_enabled(fast.device_type):
-                return fast.function(x, *fast.arguments, fast.step.merged(x, self.in_features))
-            if torch.get_autocast_dtype(fast.device_type) == x.dtype:
-                if not fast.autocast_off:
-                    return fast.function(x, *fast.arguments, fast.step.merged(x, self.in_features))
+            autocast = torch.is_autocast_enabled(fast.device_type)
+            if not autocast or torch.get_autocast_dtype(fast.device_type) == x.dtype:
+                merged = fast.step.merged(x, self.in_features)
+                if fast.composed is not None and not (merged[0] or merged[1]):
+                    # the same operators in the same order as the general path below: activation
+                    # checkpointing recomputes a forward and requires the same graph
+                    bias, A_t, B_t, d, b = fast.composed
+                    base = functional.linear(x, fast.weight, bias)
+                    C_t = lr.fold_row_t(xp, B_t, d, b)
+                    return lr.add_product_t(xp, base, lr.project_t(xp, x, A_t), C_t)
+                if not (autocast and fast.autocast_off):
+                    return fast.function(x, *fast.arguments, merged)
                 with torch.autocast(fast.device_type, enabled=False):
-                    return fast.function(x, *fast.arguments, fast.step.merged(x, self.in_features))
+                    return fast.function(x, *fast.arguments, merged)
         if state.disabled or args or kwargs:
             if not state.disabled and (state.rows is not None or self._plan_steps()):
                 raise TypeError("a VeraLinear with adapters takes only the input tensor")
@@ -702,8 +713,10 @@ class VeraLinear(nn.Module):
         It replaces the base layer's own forward, so it needs a plain ``nn.Linear`` or
         transformers ``Conv1D`` base with a frozen floating weight of the activations'
         dtype (any under autocast, which casts it anyway), its bias (or the adapter's own)
-        trained or not; and no dropout in effect. ``x`` is ``given`` in the compute dtype; where the two are
-        one tensor the step is remembered for the next calls (:class:`_Fast`).
+        trained or not; and no dropout in effect. VeRA where neither pass merges (few
+        tokens) is left to the factored path, whose autograd nodes cost the host less than
+        a Python node. ``x`` is ``given`` in the compute dtype; where the two are one tensor
+        the step is remembered for the next calls (:class:`_Fast`).
         """
         base = self.base_layer
         if not step.plain or (self.training and step.dropout > 0.0):
@@ -739,6 +752,9 @@ class VeraLinear(nn.Module):
             and (not autocast or torch.get_autocast_dtype(x.device.type) == x.dtype)
             and not torch.compiler.is_compiling()
         ):
+            composed = None
+            if step.method != DVORA and type(base) is nn.Linear:
+                composed = (bias, projections[0], projections[1], d, b)
             self._fast = _Fast(
                 self._state.version,
                 x.dtype,
@@ -750,9 +766,13 @@ class VeraLinear(nn.Module):
                 function,
                 arguments,
                 step.method == DVORA,
+                composed,
             )
+        merged = step.merged(x, self.in_features)
+        if step.method != DVORA and not (merged[0] or merged[1]):
+            return None
         with _no_autocast(x):
-            return function(x, *arguments, step.merged(x, self.in_features))
+            return function(x, *arguments, merged)
 
     def _dvora_forward(self, step: _Step, x: torch.Tensor) -> torch.Tensor:
         """DVoRA factored, autograd through the core's pieces (where :meth:`_on_weight` does not apply).
