@@ -368,6 +368,23 @@ def test_autocast_bfloat16_dvora_on_cpu():
     assert torch.isfinite(vector_grads(model)["layers.1.down", "default", "magnitude"]).all()
 
 
+@pytest.mark.parametrize("model_dtype", [torch.float32, torch.bfloat16])
+def test_dvora_norm_pieces_stay_float32_under_autocast(model_dtype):
+    """The Gram pieces of the norm are computed once, first under autocast here: still in float32."""
+    model = vt.add_vera(_lm().to(model_dtype), "all-linear", r=8, dvora=True)
+    randomize_vectors(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(_ids())
+    layer = model.layers[1].down
+    (_, frozen), *_ = layer._frozen_cache.values()
+    assert [t.dtype for t in frozen] == [torch.float32] * 3
+    weight = layer.weight.detach().float()
+    A = model.vera_state.projections.get(layer.banks()[0].key, torch.float32, weight.device)[0]
+    reference = vc.dvora_precompute(weight, A, 8)
+    for got, want in zip(frozen, reference, strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 def test_bfloat16_model_keeps_float32_vectors():
     model = _lm().to(torch.bfloat16)
     vt.add_vera(model, "all-linear", r=4)

@@ -582,7 +582,8 @@ class VeraLinear(nn.Module):
             return cached[1]
         weight = self.frozen_weight("DVoRA")
         A = self._state.projections.get(key, None, weight.device)[0]
-        frozen = vc.dvora_precompute(weight.detach(), A, rank, fan_in_fan_out=self.fan_in_fan_out)
+        with _no_autocast(weight):  # float32 or wider, as the core computes them, under autocast too
+            frozen = vc.dvora_precompute(weight.detach(), A, rank, fan_in_fan_out=self.fan_in_fan_out)
         if not torch.compiler.is_compiling():
             self._frozen_cache[(key.name, rank)] = (stamp, frozen)
         return frozen
