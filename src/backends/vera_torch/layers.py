@@ -197,9 +197,8 @@ class _Step:
     merged_from: tuple[int, int] = (0, 0)
     """Tokens from which the forward and the backward go through the merged weight (:func:`vera_core.merged_passes`)."""
 
-    def merged(self, x: torch.Tensor, in_features: int) -> tuple[bool, bool]:
-        """(forward, backward) through the merged weight for the activations ``x``."""
-        tokens = x.numel() // in_features
+    def merged(self, tokens: int) -> tuple[bool, bool]:
+        """(forward, backward) through the merged weight for activations of ``tokens`` rows."""
         return tokens >= self.merged_from[0], tokens >= self.merged_from[1]
 
 
@@ -219,6 +218,8 @@ class _Fast:
     dtype: torch.dtype
     device: torch.device
     device_type: str
+    parameters: dict[str, Any]
+    """The base layer's parameter dict: its ``"weight"`` must still be :attr:`weight`."""
     weight: torch.Tensor
     weight_version: int | None
     """DVoRA: the weight's version its Gram pieces were computed at (None for VeRA, which keeps nothing of it)."""
@@ -232,6 +233,8 @@ class _Fast:
     composed: tuple[Any, ...] | None
     """VeRA on an ``nn.Linear``: ``(bias, A_s^T, B_s^T, lambda_d, lambda_b)`` for the steps where neither
     pass merges, which run the factored path's operators under autograd (as the general path does)."""
+    node_from: int
+    """Tokens from which some pass merges (:attr:`_Step.merged_from`): below, VeRA is ``composed``."""
 
 
 def _merged_from(in_features: int, out_features: int, rank: int) -> tuple[int, int]:
@@ -658,7 +661,7 @@ class VeraLinear(nn.Module):
             and not kwargs
             and x.dtype == fast.dtype
             and x.device == fast.device
-            and self.base_layer._parameters["weight"] is fast.weight
+            and fast.parameters["weight"] is fast.weight
             and (
                 fast.weight_version is None
                 or torch.compiler.is_compiling()
@@ -668,14 +671,15 @@ class VeraLinear(nn.Module):
         ):
             autocast = torch.is_autocast_enabled(fast.device_type)
             if not autocast or torch.get_autocast_dtype(fast.device_type) == x.dtype:
-                merged = fast.step.merged(x, self.in_features)
-                if fast.composed is not None and not (merged[0] or merged[1]):
+                tokens = x.numel() // self.in_features
+                if fast.composed is not None and tokens < fast.node_from:
                     # the same operators in the same order as the general path below: activation
                     # checkpointing recomputes a forward and requires the same graph
                     bias, A_t, B_t, d, b = fast.composed
                     base = functional.linear(x, fast.weight, bias)
                     C_t = lr.fold_row_t(xp, B_t, d, b)
                     return lr.add_product_t(xp, base, lr.project_t(xp, x, A_t), C_t)
+                merged = fast.step.merged(tokens)
                 if not (autocast and fast.autocast_off):
                     return fast.function(x, *fast.arguments, merged)
                 with torch.autocast(fast.device_type, enabled=False):
@@ -761,6 +765,7 @@ class VeraLinear(nn.Module):
                 x.dtype,
                 x.device,
                 x.device.type,
+                base._parameters,
                 weight,
                 weight._version if step.method == DVORA else None,
                 step,
@@ -768,8 +773,9 @@ class VeraLinear(nn.Module):
                 arguments,
                 step.method == DVORA,
                 composed,
+                min(step.merged_from),
             )
-        merged = step.merged(x, self.in_features)
+        merged = step.merged(x.numel() // self.in_features)
         if step.method != DVORA and not (merged[0] or merged[1]):
             return None
         with _no_autocast(x):
