@@ -40,10 +40,10 @@ def _run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Te
     return y.detach(), [x.grad, *grads]
 
 
-@pytest.fixture
-def vera_passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+def _record_passes(monkeypatch: pytest.MonkeyPatch, function_name: str) -> list[tuple[bool, bool]]:
+    """Replace ``layers.<function_name>`` by one recording the ``merged`` passes of each call."""
     seen: list[tuple[bool, bool]] = []
-    original = layers.VeraLinearFunction
+    original = getattr(layers, function_name)
 
     class Recording:
         @staticmethod
@@ -51,8 +51,13 @@ def vera_passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
             seen.append(tuple(args[-1]))
             return original.apply(*args)
 
-    monkeypatch.setattr(layers, "VeraLinearFunction", Recording)
+    monkeypatch.setattr(layers, function_name, Recording)
     return seen
+
+
+@pytest.fixture
+def vera_passes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[bool, bool]]:
+    return _record_passes(monkeypatch, "VeraLinearFunction")
 
 
 def _force_factored(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -151,16 +156,7 @@ def test_bfloat16_merges_with_close_results(
 @pytest.mark.parametrize("detach_norm", [False, True])
 def test_dvora_merged_and_factored_are_equally_close(monkeypatch: pytest.MonkeyPatch, detach_norm: bool) -> None:
     """Both DVoRA forms are as close to the float64 model (sums over 16,384 tokens in float32 round)."""
-    seen: list[tuple[bool, bool]] = []
-    original = layers.DvoraLinearFunction
-
-    class Recording:
-        @staticmethod
-        def apply(*args: Any) -> torch.Tensor:
-            seen.append(tuple(args[-1]))
-            return original.apply(*args)
-
-    monkeypatch.setattr(layers, "DvoraLinearFunction", Recording)
+    seen = _record_passes(monkeypatch, "DvoraLinearFunction")
     x = torch.randn(TOKENS, 32)
     model = lambda: _model(dvora=True, bias="all", detach_norm=detach_norm)  # noqa: E731
     y_merged, grads_merged = _run(model(), x)

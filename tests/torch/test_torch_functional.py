@@ -20,6 +20,16 @@ def _setup(dtype=torch.float64, r=6, R=8, n_in=10, n_out=7, max_in=12, max_out=9
     return A, B, W, x, d, b
 
 
+def _assert_same(y, ref, inputs):
+    """``y`` equals ``ref``, and so do their gradients with respect to ``inputs`` for a random upstream gradient."""
+    torch.testing.assert_close(y, ref)
+    g = torch.randn_like(y)
+    got = torch.autograd.grad(y, inputs, g)
+    want = torch.autograd.grad(ref, inputs, g)
+    for a, w in zip(got, want, strict=True):
+        torch.testing.assert_close(a, w)
+
+
 def _reference_vera(x, W, A, B, d, b, mask=None):
     r, n_out, n_in = d.shape[0], b.shape[0], x.shape[-1]
     xd = x if mask is None else x * mask
@@ -32,12 +42,7 @@ def test_vera_matches_autograd(use_mask):
     mask = (torch.rand(x.shape, dtype=x.dtype) > 0.3).to(x.dtype) / 0.7 if use_mask else None
     y = vera(x @ W.T, x, A, B, d, b, mask)
     ref = _reference_vera(x, W, A, B, d, b, mask)
-    torch.testing.assert_close(y, ref)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, d, b), g)
-    want = torch.autograd.grad(ref, (x, d, b), g)
-    for a, w in zip(got, want, strict=True):
-        torch.testing.assert_close(a, w)
+    _assert_same(y, ref, (x, d, b))
 
 
 def test_vera_gradcheck():
@@ -79,12 +84,7 @@ def test_dvora_matches_autograd(detach):
     frozen = vc.dvora_precompute(W, A, 6)
     y = dvora(x @ W.T, x, frozen, A, B, m, d, b, bias, detach_norm=detach)
     ref = _reference_dvora(x, W, A, B, m, d, b, bias, detach)
-    torch.testing.assert_close(y, ref)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, m, d, b, bias), g)
-    want = torch.autograd.grad(ref, (x, m, d, b, bias), g)
-    for a, w in zip(got, want, strict=True):
-        torch.testing.assert_close(a, w)
+    _assert_same(y, ref, (x, m, d, b, bias))
 
 
 def test_dvora_gradcheck():
@@ -111,12 +111,7 @@ def test_vera_linear_matches_the_textbook_and_finite_differences(merged, fan_in_
 
     y = layer(x, d, b, bias)
     ref = _reference_vera(x, W, A, B, d, b) + bias
-    torch.testing.assert_close(y, ref)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, d, b, bias), g)
-    want = torch.autograd.grad(ref, (x, d, b, bias), g)
-    for a, w in zip(got, want, strict=True):
-        torch.testing.assert_close(a, w)
+    _assert_same(y, ref, (x, d, b, bias))
     assert torch.autograd.gradcheck(layer, (x, d, b, bias))
 
 
@@ -149,12 +144,7 @@ def test_dvora_linear_matches_the_textbook_and_finite_differences(merged, detach
 
     y = layer(x, m, d, b, bias)
     ref = _reference_dvora(x, W, A, B, m, d, b, bias, detach)
-    torch.testing.assert_close(y, ref)
-    g = torch.randn_like(y)
-    got = torch.autograd.grad(y, (x, m, d, b, bias), g)
-    want = torch.autograd.grad(ref, (x, m, d, b, bias), g)
-    for a, w in zip(got, want, strict=True):
-        torch.testing.assert_close(a, w)
+    _assert_same(y, ref, (x, m, d, b, bias))
     if not detach:  # a detached norm is not the derivative of the output (DoRA section 4.3)
         assert torch.autograd.gradcheck(layer, (x, m, d, b, bias))
 
