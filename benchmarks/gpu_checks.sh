@@ -231,8 +231,10 @@ fi
 part many-adapters 90 "many adapters on one GPT-2: adding, serving 256 rows of distinct adapters, training 1,000 at once" -- \
     "$PY" benchmarks/bench_many_adapters.py "${device[@]:0:2}" --parts add serve train "${many[@]}" \
     --json "$results/many_adapters.json"
+tenants_backend=$([ $dry = 1 ] && echo numpy || echo cupy)  # a dry run has no CuPy: the same demo on NumPy
 part tenants-cupy 90 "vera demo --tenants on CuPy: 1,000 users trained in one batched run" -- \
-    bash -c '"$0" -m vera_cli demo --tenants --backend cupy --no-progress --out /tmp/demo-tenants-cupy' "$PY"
+    bash -c '"$0" -m vera_cli demo --tenants --backend "$1" --no-progress --out /tmp/demo-tenants-cupy' "$PY" \
+    "$tenants_backend"
 part train-compiled 180 "whole training step under torch.compile(mode=\"reduce-overhead\"), checkpointing off" -- \
     "$PY" benchmarks/bench_train_step.py "${device[@]}" "${step_size[@]}" --compile reduce-overhead \
     --checkpointing off --json "$results/train_step_compiled.json"
