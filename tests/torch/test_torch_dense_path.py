@@ -170,3 +170,28 @@ def test_dvora_merged_and_factored_are_equally_close(monkeypatch: pytest.MonkeyP
         error, factored_error = (torch.linalg.norm(t.double() - exact) for t in (merged, factored))
         assert error <= 2 * factored_error + 1e-6 * torch.linalg.norm(exact), (error, factored_error)
         assert error <= 5e-4 * torch.linalg.norm(exact)  # float32 sums over 16,384 tokens with cancellation
+
+
+@pytest.mark.parametrize("change", ["in place", "replaced"])
+@pytest.mark.parametrize("dvora", [False, True])
+@pytest.mark.parametrize("tokens", [64, TOKENS])
+def test_a_changed_base_weight_is_followed(dvora: bool, change: str, tokens: int) -> None:
+    """The remembered step (and DVoRA's Gram pieces) follow the base weight changed in place or replaced."""
+    model = _model(dvora=dvora)
+    layer = model[0]
+    x = torch.randn(tokens, 32)
+    _run(model, x)
+    _run(model, x)  # the remembered step now serves
+    with torch.no_grad():
+        if change == "in place":
+            layer.base_layer.weight.mul_(-2.0).add_(0.5)
+        else:
+            layer.base_layer.weight = nn.Parameter(layer.base_layer.weight * -2.0 + 0.5, requires_grad=False)
+    model.zero_grad(set_to_none=True)
+    y, grads = _run(model, x)
+    fresh = _model(dvora=dvora)
+    fresh.load_state_dict(model.state_dict())  # the same vectors on the changed weight, nothing remembered
+    y_fresh, grads_fresh = _run(fresh, x)
+    torch.testing.assert_close(y, y_fresh)
+    for got, want in zip(grads, grads_fresh, strict=True):
+        torch.testing.assert_close(got, want)
