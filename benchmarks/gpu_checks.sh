@@ -2,7 +2,7 @@
 # Every check that needs a CUDA GPU, in one script for a lent H100/H200 machine.
 #
 #   bash benchmarks/fetch_gpu_wheels.sh               # here first, once: the wheels into .whl/
-#   bash benchmarks/gpu_checks.sh [RESULTS]           # there (RESULTS: default $OUT, else ./gpu-results)
+#   VERA_COMMIT=<hash> bash benchmarks/gpu_checks.sh [RESULTS]   # there (RESULTS: default $OUT, else ./gpu-results)
 #   bash benchmarks/gpu_checks.sh --only train-compiled,tests-cupy [RESULTS]   # rerun some parts
 #   bash benchmarks/gpu_checks.sh --dry-run [RESULTS] # on a CPU machine: the script's logic, tiny sizes
 #
@@ -104,7 +104,12 @@ export PYTHONPATH="$site:$PWD/src:$PWD/src/backends${PYTHONPATH:+:$PYTHONPATH}"
 # --- the device and the versions -------------------------------------------------------------
 mode="CUDA"
 [ $dry = 1 ] && mode="DRY RUN on the CPU (tiny sizes; tests only collected): checks this script, measures nothing"
-say "# vera-core GPU checks, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?')"
+# the device's copy of the tree may carry no git history of its own: the caller names the commit
+commit=${VERA_COMMIT:-}
+if [ -z "$commit" ]; then
+    commit="$(git rev-parse --short HEAD 2>/dev/null || echo unknown) (read from the git of the copy: set VERA_COMMIT)"
+fi
+say "# vera-core GPU checks, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"
 say ""
 say "Mode: $mode. Time budget: ${budget} s. Carried wheels installed: $installed"
 say ""
