@@ -42,11 +42,6 @@ def column(vector: Any) -> Any:
     return vector[:, None] if vector.ndim == 1 else vector.T
 
 
-def as_row(vector: Any) -> Any:
-    """A vector (n,), or a one-row matrix (1, n), as a (1, n) row (a view)."""
-    return vector[None, :] if vector.ndim == 1 else vector
-
-
 def fold(xp: Any, B_s: Any, lambda_d: Any, lambda_b: Any) -> Any:
     """``C = diag(lambda_b) B_s diag(lambda_d)`` (out x r), in the vectors' dtype (vectors or one-row matrices)."""
     return column(lambda_b) * cast(xp, B_s, lambda_d.dtype) * lambda_d
@@ -223,17 +218,17 @@ def weight_input_grad(xp: Any, grad_y: Any, weight: Any, fan_in_fan_out: bool) -
 
 
 def whole_forward(
-    xp: Any, x: Any, u: Any, weight: Any, bias: Any, A_s: Any, C_t: Any, fan_in_fan_out: bool, *, merged: bool
+    xp: Any, x: Any, u: Any, weight: Any, bias: Any, A_s: Any, C: Any, fan_in_fan_out: bool, *, merged: bool
 ) -> Any:
     """The whole layer ``x (W0 + C A_s)^T + bias`` in the dtype of ``x``, given ``u = x A_s^T``.
 
-    Through ``W' = W0 + C A_s`` (``merged``) or as ``x W0^T + u C^T``; ``C_t`` is ``C^T``
-    (r x out). No checks: the checked-once internals of the dense forms.
+    Through ``W' = W0 + C A_s`` (``merged``) or as ``x W0^T + u C^T``. No checks: the
+    checked-once internals of the dense forms (:func:`whole_input_grad` is their backward).
     """
     if merged:
-        shifted = shifted_weight(xp, weight, C_t.T, A_s, fan_in_fan_out, dtype=x.dtype)
+        shifted = shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=x.dtype)
         return apply_weight(xp, x, shifted, bias, fan_in_fan_out)
-    return add_product_t(xp, apply_weight(xp, x, weight, bias, fan_in_fan_out), u, C_t)
+    return add_product(xp, apply_weight(xp, x, weight, bias, fan_in_fan_out), u, C)
 
 
 def whole_input_grad(xp: Any, grad: Any, weight: Any, C: Any, A_s: Any, fan_in_fan_out: bool, *, merged: bool) -> Any:

@@ -959,7 +959,7 @@ def _whole_forward(
     The unchecked internals; the vectors may be one-row matrices (a bank's rows).
     """
     norm = _gram_norm(xp, frozen, C)
-    z = lr.whole_forward(xp, x, u, weight, None, A_s, C.T, fan_in_fan_out, merged=merged)
+    z = lr.whole_forward(xp, x, u, weight, None, A_s, C, fan_in_fan_out, merged=merged)
     return _scaled(xp, z, magnitude, norm, bias), DvoraSaved(u, z, norm)
 
 
@@ -1039,5 +1039,5 @@ def _whole_input_grad(
     if not merged:
         return lr.whole_input_grad(xp, grad_y * scale, weight, C, A_s, fan_in_fan_out, merged=False)
     shifted = lr.shifted_weight(xp, weight, C, A_s, fan_in_fan_out, dtype=grad_y.dtype)
-    scaled = shifted * (lr.as_row(scale) if fan_in_fan_out else lr.column(scale))
+    scaled = shifted * (scale if fan_in_fan_out else lr.column(scale))  # the scale along the output axis
     return lr.weight_input_grad(xp, grad_y, scaled, fan_in_fan_out)

@@ -475,8 +475,8 @@ def vera_forward_dense(
         xp, shape = namespace(x), lr.AdapterShape(lambda_d.shape[0], lambda_b.shape[0], x.shape[-1])
     A_s, B_s = lr.layer_slices(A, B, shape)
     u = lr.project(xp, x, A_s, None)
-    C_t = lr.fold(xp, B_s, lambda_d, lambda_b).T
-    return lr.whole_forward(xp, x, u, weight, bias, A_s, C_t, fan_in_fan_out, merged=merged), u
+    C = lr.fold(xp, B_s, lambda_d, lambda_b)
+    return lr.whole_forward(xp, x, u, weight, bias, A_s, C, fan_in_fan_out, merged=merged), u
 
 
 def vera_backward_dense(

@@ -281,7 +281,7 @@ class AdaptedLinear(Layer):
         if train_bias:
             self._params["bias"] = self.bias
         self._mask: Any = None
-        self._dense: vc.MergedPasses | None = None  # the last forward's passes on the weight (None: with dropout)
+        self._passes: vc.MergedPasses | None = None  # the last forward's passes on the weight (None: with dropout)
 
     @property
     def lambda_d(self) -> Any:
@@ -300,7 +300,7 @@ class AdaptedLinear(Layer):
         self._draws += 1
         return dropout_mask(self.xp, x, self.dropout, self.seed * 2**32 + self._draws - 1)
 
-    def _use_dense(self, x: Any) -> vc.MergedPasses | None:
+    def _passes_for(self, x: Any) -> vc.MergedPasses | None:
         """Without dropout: the whole layer from its weight, each pass merged where cheaper; None with dropout."""
         if self._mask is not None:
             return None
@@ -352,8 +352,8 @@ class VeraLinear(AdaptedLinear):
 
     def forward(self, x: Any) -> Any:
         self._mask = self._dropout_mask(x)
-        self._dense = self._use_dense(x)
-        if self._dense is not None:
+        self._passes = self._passes_for(x)
+        if self._passes is not None:
             y, self._u = vc.vera_forward_dense(
                 x,
                 self.weight,
@@ -363,7 +363,7 @@ class VeraLinear(AdaptedLinear):
                 self.lambda_b,
                 bias=self.bias,
                 fan_in_fan_out=self.fan_in_fan_out,
-                merged=self._dense.forward,
+                merged=self._passes.forward,
             )
             return y
         base = vc.linear(x, self.weight, self.bias, fan_in_fan_out=self.fan_in_fan_out)
@@ -374,7 +374,7 @@ class VeraLinear(AdaptedLinear):
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
         u = self._saved(self._u)
-        if self._dense is not None:
+        if self._passes is not None:
             grads = vc.vera_backward_dense(
                 grad_y,
                 u,
@@ -385,7 +385,7 @@ class VeraLinear(AdaptedLinear):
                 self.lambda_b,
                 fan_in_fan_out=self.fan_in_fan_out,
                 input_grad=input_grad,
-                merged=self._dense.backward,
+                merged=self._passes.backward,
             )
         else:
             grads = vc.vera_backward(
@@ -405,7 +405,7 @@ class VeraLinear(AdaptedLinear):
             self._accumulate("bias", _token_sum(self.xp, grad_y, self.vector_dtype))
         if not input_grad:
             return None
-        return grads.x if self._dense is not None else self._base_input_grad(grad_y, grads.x)
+        return grads.x if self._passes is not None else self._base_input_grad(grad_y, grads.x)
 
 
 class DVoraLinear(AdaptedLinear):
@@ -471,8 +471,8 @@ class DVoraLinear(AdaptedLinear):
 
     def forward(self, x: Any) -> Any:
         self._mask = self._dropout_mask(x)
-        self._dense = self._use_dense(x)
-        if self._dense is not None:
+        self._passes = self._passes_for(x)
+        if self._passes is not None:
             y, self._state = vc.dvora_forward_dense(
                 x,
                 self.weight,
@@ -484,7 +484,7 @@ class DVoraLinear(AdaptedLinear):
                 self.lambda_b,
                 bias=self.bias,
                 fan_in_fan_out=self.fan_in_fan_out,
-                merged=self._dense.forward,
+                merged=self._passes.forward,
             )
             return y
         base = vc.linear(x, self.weight, fan_in_fan_out=self.fan_in_fan_out)
@@ -504,7 +504,7 @@ class DVoraLinear(AdaptedLinear):
 
     def backward(self, grad_y: Any, *, input_grad: bool = True) -> Any:
         saved = self._saved(self._state)
-        if self._dense is not None:
+        if self._passes is not None:
             grads = vc.dvora_backward_dense(
                 grad_y,
                 saved,
@@ -519,7 +519,7 @@ class DVoraLinear(AdaptedLinear):
                 detach_norm=self.detach_norm,
                 has_bias=self.train_bias,
                 input_grad=input_grad,
-                merged=self._dense.backward,
+                merged=self._passes.backward,
             )
         else:
             grads = vc.dvora_backward(
@@ -544,4 +544,4 @@ class DVoraLinear(AdaptedLinear):
             self._accumulate("bias", grads.bias)
         if not input_grad:
             return None
-        return grads.x if self._dense is not None else self._base_input_grad(grads.base, grads.x)
+        return grads.x if self._passes is not None else self._base_input_grad(grads.base, grads.x)

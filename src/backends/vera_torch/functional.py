@@ -38,11 +38,6 @@ __all__ = [
 ]
 
 
-def _flat(vector: torch.Tensor) -> torch.Tensor:
-    """A vector given as a one-row matrix (an adapter bank's row), as a vector (a view)."""
-    return vector if vector.dim() == 1 else vector.view(-1)
-
-
 class VeraFunction(torch.autograd.Function):
     """``y = base + lambda_b * (B_s (lambda_d * (A_s (x * mask))))`` with the core's gradients.
 
@@ -96,10 +91,10 @@ class VeraLinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, projections, lambda_d, lambda_b, fan_in_fan_out, merged):
-        A_t, B_t, A_s, _ = projections
-        C_t = lr.fold_row_t(xp, B_t, lambda_d, lambda_b)
+        A_t, _, A_s, B_s = projections
+        C = lr.fold(xp, B_s, lambda_d, lambda_b)
         u = lr.project_t(xp, x, A_t)
-        y = lr.whole_forward(xp, x, u, weight, bias, A_s, C_t, fan_in_fan_out, merged=merged[0])
+        y = lr.whole_forward(xp, x, u, weight, bias, A_s, C, fan_in_fan_out, merged=merged[0])
         ctx.save_for_backward(u, weight, lambda_d, lambda_b)
         ctx.projections, ctx.fan_in_fan_out, ctx.merged_backward = projections, fan_in_fan_out, merged[1]
         return y
@@ -112,7 +107,7 @@ class VeraLinearFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         grad_x = grad_bias = None
         if needs[0]:
-            C = lr.fold(xp, B_s, lambda_d, lambda_b)  # folded again: out x r is not kept per layer
+            C = lr.fold(xp, B_s, lambda_d, lambda_b)  # folded again, as in forward: out x r is not kept per layer
             grad_x = lr.whole_input_grad(xp, grad_y, weight, C, A_s, ctx.fan_in_fan_out, merged=ctx.merged_backward)
         if needs[2]:
             grad_bias = xp.sum(lr.flatten_tokens(xp, grad_y), axis=0, dtype=lambda_d.dtype)
@@ -383,9 +378,9 @@ class DvoraLinearFunction(torch.autograd.Function):
         detach_norm,
         merged,
     ):
-        A_t, B_t, A_s, _ = projections
+        A_t, _, A_s, B_s = projections
         frozen = vc.DvoraFrozen(weight_sq_norm, weight_proj, gram)
-        C = lr.fold_row_t(xp, B_t, lambda_d, lambda_b).T
+        C = lr.fold(xp, B_s, lambda_d, lambda_b)
         u = lr.project_t(xp, x, A_t)
         y, saved = dvora_internals._whole_forward(
             xp, x, u, weight, bias, frozen, A_s, C, magnitude, fan_in_fan_out, merged=merged[0]

@@ -227,14 +227,12 @@ class _Fast:
     function: Any
     """``VeraLinearFunction.apply`` or ``DvoraLinearFunction.apply``."""
     arguments: tuple[Any, ...]
-    """Its arguments after ``x`` and before ``merged`` and ``check``."""
+    """Its arguments after ``x`` and before ``merged``."""
     autocast_off: bool
     """DVoRA: turn autocast off around it (the norms stay in float32)."""
     composed: tuple[Any, ...] | None
     """VeRA on an ``nn.Linear``: ``(bias, A_s^T, B_s^T, lambda_d, lambda_b)`` for the steps where neither
     pass merges, which run the factored path's operators under autograd (as the general path does)."""
-    node_from: int
-    """Tokens from which some pass merges (:attr:`_Step.merged_from`): below, VeRA is ``composed``."""
 
 
 def _merged_from(in_features: int, out_features: int, rank: int) -> tuple[int, int]:
@@ -672,7 +670,9 @@ class VeraLinear(nn.Module):
             autocast = torch.is_autocast_enabled(fast.device_type)
             if not autocast or torch.get_autocast_dtype(fast.device_type) == x.dtype:
                 tokens = x.numel() // self.in_features
-                if fast.composed is not None and tokens < fast.node_from:
+                # merging saves r T in more in backward than in forward: below the backward's
+                # threshold neither pass merges
+                if fast.composed is not None and tokens < fast.step.merged_from[1]:
                     # the same operators in the same order as the general path below: activation
                     # checkpointing recomputes a forward and requires the same graph
                     bias, A_t, B_t, d, b = fast.composed
@@ -773,7 +773,6 @@ class VeraLinear(nn.Module):
                 arguments,
                 step.method == DVORA,
                 composed,
-                min(step.merged_from),
             )
         merged = step.merged(x.numel() // self.in_features)
         if step.method != DVORA and not (merged[0] or merged[1]):
