@@ -51,22 +51,30 @@ def _problem(tokens: int) -> dict[str, np.ndarray]:
     }
 
 
-def plain_loss(v: dict[str, Any], stop: Callable[[Any], Any]) -> Any:
-    """``sum(G * y)``, each row through its own adapter, in operators only (NumPy, torch, JAX alike)."""
+def _delta(v: dict[str, Any], slot: int) -> Any:
+    """Adapter ``slot``'s ``dW = diag(b) B_s diag(d) A_s`` (out x in), in operators only."""
+    r = RANKS[slot]
+    d, b = v["D"][slot][:r], v["Bv"][slot]
+    return (b[:, None] * v["B"][:OUT, :r] * d[None, :]) @ v["A"][:r, :IN]
+
+
+def plain_loss(v: dict[str, Any], stop: Callable[[Any, int], Any]) -> Any:
+    """``sum(G * y)``, each row through its own adapter, in operators only (NumPy, torch, JAX alike).
+
+    ``stop(norm, slot)`` gives the norm a detached DVoRA adapter uses: the norm with its
+    gradient stopped, or held at a value (finite differences).
+    """
     total = 0.0
     for i, slot in enumerate(SLOTS):
         x = v["x"][i]
         z = x @ v["W"].T
         if slot >= 0:
-            r = RANKS[slot]
-            d, b = v["D"][slot][:r], v["Bv"][slot]
-            A_s, B_s = v["A"][:r, :IN], v["B"][:OUT, :r]
-            delta = (b[:, None] * B_s * d[None, :]) @ A_s
+            delta = _delta(v, slot)
             z = z + x @ delta.T
             if slot in DVORA:
                 norm = (((v["W"] + delta) ** 2).sum(axis=1)) ** 0.5
                 if DETACHED[DVORA.index(slot)]:
-                    norm = stop(norm)
+                    norm = stop(norm, slot)
                 z = v["M"][slot] / norm * z
         total = total + (v["G"][i] * (z + v["bias"])).sum()
     return total
@@ -79,7 +87,7 @@ def torch_oracle(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     import torch
 
     tensors = {k: torch.tensor(a, dtype=torch.float64, requires_grad=k in NAMES) for k, a in values.items()}
-    plain_loss(tensors, lambda t: t.detach()).backward()
+    plain_loss(tensors, lambda t, slot: t.detach()).backward()
     return {name: tensors[name].grad.numpy() for name in NAMES}
 
 
@@ -88,7 +96,11 @@ def jax_oracle(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
     jax.config.update("jax_enable_x64", True)
     arrays = {k: jax.numpy.asarray(a, dtype=jax.numpy.float64) for k, a in values.items()}
-    grads = jax.grad(lambda t: plain_loss({**arrays, **t}, jax.lax.stop_gradient))({n: arrays[n] for n in NAMES})
+
+    def stop(t: Any, slot: int) -> Any:
+        return jax.lax.stop_gradient(t)
+
+    grads = jax.grad(lambda t: plain_loss({**arrays, **t}, stop))({n: arrays[n] for n in NAMES})
     return {name: np.asarray(grads[name]) for name in NAMES}
 
 
@@ -110,38 +122,17 @@ def central_differences(values: dict[str, np.ndarray], loss: Any, step: float = 
 
 
 def finite_differences(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    return central_differences(values, lambda v: plain_loss(v, lambda t: t))
+    return central_differences(values, lambda v: plain_loss(v, lambda t, slot: t))
 
 
 def finite_differences_detached(values: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Central differences with the detached adapter's norm held at its value (a constant, as DoRA 4.3 treats it)."""
-    held = {}
-    for slot, detached in zip(DVORA, DETACHED, strict=True):
-        if detached:
-            r = RANKS[slot]
-            A_s, B_s = values["A"][:r, :IN], values["B"][:OUT, :r]
-            delta = (values["Bv"][slot][:, None] * B_s * values["D"][slot][None, :r]) @ A_s
-            held[slot] = np.sqrt(((values["W"] + delta) ** 2).sum(axis=1))
-
-    def loss(v: dict[str, Any]) -> Any:
-        total = 0.0
-        for i, slot in enumerate(SLOTS):
-            x = v["x"][i]
-            z = x @ v["W"].T
-            if slot >= 0:
-                r = RANKS[slot]
-                d, b = v["D"][slot][:r], v["Bv"][slot]
-                delta = (b[:, None] * v["B"][:OUT, :r] * d[None, :]) @ v["A"][:r, :IN]
-                z = z + x @ delta.T
-                if slot in DVORA:
-                    norm = held.get(slot)
-                    if norm is None:
-                        norm = np.sqrt(((v["W"] + delta) ** 2).sum(axis=1))
-                    z = v["M"][slot] / norm * z
-            total = total + (v["G"][i] * (z + v["bias"])).sum()
-        return total
-
-    return central_differences(values, loss)
+    held = {
+        slot: np.sqrt(((values["W"] + _delta(values, slot)) ** 2).sum(axis=1))
+        for slot, detached in zip(DVORA, DETACHED, strict=True)
+        if detached
+    }
+    return central_differences(values, lambda v: plain_loss(v, lambda norm, slot: held[slot]))
 
 
 ORACLES = {"torch.autograd": torch_oracle, "jax.grad": jax_oracle, "finite-differences": finite_differences_detached}
@@ -208,7 +199,7 @@ def test_forward_matches_the_plain_loss(xp: Any, device: Any) -> None:
     dtype = xp.float64
     values = _problem(3)
     y, _ = core_grads(xp, device, dtype, values)
-    expected = plain_loss(values, lambda t: t)
+    expected = plain_loss(values, lambda t, slot: t)
     got = float(np.sum(values["G"] * to_numpy(y)))
     assert abs(got - expected) <= 1e-10 * max(1.0, abs(expected))
 
